@@ -1,0 +1,64 @@
+"""``lora_linear``: the functional entry point (validation, autocast, dropout seed)."""
+import torch
+
+from ._checks import AUTOCAST_ELIGIBLE, check_inputs, check_scaling
+from .dropout import check_dropout_p, check_seed
+from .function import LoRALinearFunction
+
+
+def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropout_p=0.0, training=True,
+                seed=None):
+    """Fused LoRA linear: ``input·weightᵀ + bias + scaling·(dropout(input)·lora_Aᵀ)·lora_Bᵀ``.
+
+    The math and order are PEFT's LoRA ``Linear.forward`` (``peft/tuners/lora/layer.py``): the
+    base output, plus ``lora_B(lora_A(dropout(x))) * scaling``; dropout (inverted: kept values
+    scaled by 1/(1-p)) touches the LoRA branch only. fastlora rounds less than PEFT: base and
+    LoRA terms share one fp32 accumulator and the output is rounded once.
+
+    Args:
+        input: ``[..., K]`` float16 / bfloat16 / float32 / float64 (any strides; leading dims may
+            be empty, M = 0 gives an empty output).
+        weight: ``[N, K]`` (``nn.Linear.weight`` layout), input's dtype (outside autocast).
+        lora_A: ``[r, K]`` (PEFT's ``lora_A.weight``), any float dtype.
+        lora_B: ``[N, r]`` (PEFT's ``lora_B.weight``), any float dtype. fp32 adapters on an fp16 /
+            bf16 model (PEFT's default) are fine: the LoRA matmuls run in input's dtype with fp32
+            accumulation, and each gradient comes back in its tensor's own dtype.
+        scaling: finite float ``s`` (PEFT: ``lora_alpha / r``; rsLoRA: ``lora_alpha / sqrt(r)``).
+            Applied as a float32 value by the kernels.
+        bias: ``[N]`` in input's dtype, or None.
+        dropout_p: LoRA dropout probability in [0, 1); active only if ``training``.
+        training: apply dropout (like ``nn.Module.training``).
+        seed: None draws a 64-bit seed from torch's generator of input's device (so
+            ``torch.manual_seed`` reproduces a run and activation-checkpoint recomputation sees the
+            same mask); an int in [-2⁶³, 2⁶⁴) fixes the mask, which is
+            ``fastlora.dropout_mask(input.shape, dropout_p, seed)``.
+
+    Returns:
+        ``[..., N]`` tensor in input's dtype (the autocast dtype under ``torch.autocast``).
+
+    Raises:
+        TypeError: non-tensor or non-floating arguments, a non-number scaling or dropout_p, a
+            non-int seed, weight/bias dtype different from input's outside autocast.
+        ValueError: shapes that disagree on K, N or r, tensors on different devices, dropout_p
+            outside [0, 1), a non-finite scaling.
+
+    Under ``torch.autocast`` it behaves as ``nn.Linear`` + PEFT: input, weight and bias (when
+    float32/16) are cast to the autocast dtype, and the LoRA matmuls run in that dtype too.
+    """
+    device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
+    autocast = torch.is_autocast_enabled(device_type)
+    check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=not autocast)
+    scaling = check_scaling(scaling)
+    p = check_dropout_p(dropout_p) if training else 0.0
+    if seed is not None:
+        check_seed(seed)
+    if not autocast:
+        return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed)
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.dtype in AUTOCAST_ELIGIBLE else t
+
+    input, weight, bias = cast(input), cast(weight), cast(bias)
+    with torch.autocast(device_type, enabled=False):
+        return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed)

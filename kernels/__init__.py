@@ -1,0 +1,13 @@
+"""fastlora's Triton kernels (installed as ``fastlora.kernels``).
+
+Knows nothing of nn.Module, autograd or PEFT: callers pass validated 2-D tensors.
+``TRITON_INTERPRET=1`` must be set before this package is imported for the kernels to run under
+the Triton interpreter (Triton reads it when the kernels are decorated).
+"""
+from .launch import LAUNCH_COUNTS, is_interpreted
+from .lora_backward import lora_backward
+from .lora_forward import _lora_shrink_kernel, acc_dtype_of, lora_forward
+
+INTERPRETED = is_interpreted(_lora_shrink_kernel)
+
+__all__ = ["lora_forward", "lora_backward", "acc_dtype_of", "LAUNCH_COUNTS", "INTERPRETED"]

@@ -1,0 +1,346 @@
+"""Fused LoRA linear, backward: three launches (plus one memset or one small reduction).
+
+Math (FIELD.md §1), given dy : [M, N] and what the forward saved (x, S = x̃·Aᵀ, the seed)::
+
+    B1  dS = s·dy·B                   [M, r]   fp32 (fp64), kept for B2 and B3
+        dB = s·dyᵀ·S                  [N, r]   fp32 (fp64) workspace, cast to B's dtype after
+    B2  dx = dy·W + m ⊙ (dS·A)        [M, K]   compute dtype
+    B3  dA = dSᵀ·(m ⊙ x)              [r, K]   fp32 (fp64) workspace, cast to A's dtype after
+
+B1 grid (cdiv(M, BLOCK_M), cdiv(r, BLOCK_R)): one pass over dy. Each program runs the whole N
+loop for its rows, so dS is complete in registers; every dy tile also yields the partial
+dBᵀ-tile dyᵀ·S of its rows, summed over row blocks either with fp32 atomics into a zeroed
+[N, r] workspace (default) or, under ``torch.use_deterministic_algorithms(True)``, stored per
+row block into [cdiv(M, BLOCK_M), N, r] partials that one ``sum(0)`` reduces in a fixed order.
+
+B2 grid cdiv(M, BLOCK_M)·cdiv(K, BLOCK_K), GROUP_M-grouped: the LoRA term dS·A is computed
+first (r in BLOCK_N-wide steps), the dropout mask is regenerated for the tile and applied, and
+the result seeds the accumulator of the dy·W GEMM over N (no extra pass over dx).
+
+B3 grid (cdiv(K, BLOCK_K), cdiv(r, BLOCK_R), SPLIT): x is re-read, the mask regenerated, and
+each program reduces a contiguous slab of rows; SPLIT > 1 slabs meet through atomics. In
+deterministic mode SPLIT = 1 and the result is stored directly.
+
+Skipped on demand: B1 computes only what is asked (dS needs dx or dA; dB needs lora_B's grad),
+B2 runs only if the input needs a grad, B3 only if lora_A does.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .dropout import dropout_keep
+from .launch import cdiv, dot_precision, fixed_meta, launch
+
+
+@triton.jit(do_not_specialize=["M", "M_KEY"])
+def _lora_bwd_dy_kernel(
+    # pointers
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+    stride_dsm, stride_dsr, stride_dbp, stride_dbn, stride_dbr,
+    # scalars
+    scaling,
+    M_KEY,  # bucketed M: autotune key only
+    # meta-parameters
+    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, DB_ATOMIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    dtype = dy_ptr.dtype.element_ty
+    acc_dtype = s_ptr.dtype.element_ty
+    # -- program ids and offsets ------------------------------------------------------------
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    row_m = offs_m.to(tl.int64)[:, None]
+    col_n = offs_n.to(tl.int64)
+    dy_ptrs = dy_ptr + row_m * stride_dym + col_n[None, :] * stride_dyn
+    b_ptrs = b_ptr + col_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+    dy_step = stride_dyn.to(tl.int64) * BLOCK_N
+    b_step = stride_bn.to(tl.int64) * BLOCK_N
+    if COMPUTE_DB:
+        s = tl.load(s_ptr + row_m * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dtype)
+        db_ptrs = db_ptr + col_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
+        if not DB_ATOMIC:
+            db_ptrs += pid_m.to(tl.int64) * stride_dbp
+    # -- N loop: one read of dy feeds dS and the partial dB ------------------------------------
+    acc_ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if COMPUTE_DS:
+            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(dtype)
+            acc_ds = tl.dot(dy, b, acc_ds, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        if COMPUTE_DB:
+            part = tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION, out_dtype=acc_dtype) * scaling
+            db_mask = mask_n[:, None] & mask_r[None, :]
+            if DB_ATOMIC:
+                tl.atomic_add(db_ptrs, part, mask=db_mask, sem="relaxed")
+            else:
+                tl.store(db_ptrs, part, mask=db_mask)
+            db_ptrs += stride_dbn.to(tl.int64) * BLOCK_N
+        dy_ptrs += dy_step
+        b_ptrs += b_step
+    # -- store dS -----------------------------------------------------------------------------
+    if COMPUTE_DS:
+        ds_ptrs = ds_ptr + row_m * stride_dsm + offs_r[None, :] * stride_dsr
+        tl.store(ds_ptrs, acc_ds * scaling, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "M_KEY"])
+def _lora_bwd_dx_kernel(
+    # pointers
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr,
+    stride_ar, stride_ak, stride_dxm, stride_dxk,
+    # scalars
+    keep_thresh, keep_scale,
+    M_KEY,  # bucketed M: autotune key only
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    dtype = dy_ptr.dtype.element_ty
+    acc_dtype = ds_ptr.dtype.element_ty
+    # -- program id -> (pid_m, pid_k), grouped ------------------------------------------------
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    num_pid_in_group = GROUP_M * num_pid_k
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_k = (pid % num_pid_in_group) // group_size_m
+    # -- offsets ------------------------------------------------------------------------------
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    row_m = offs_m.to(tl.int64)[:, None]
+    col_k = offs_k.to(tl.int64)[None, :]
+    col_n = offs_n.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_dtype)
+    # -- LoRA term m ⊙ (dS·A) seeds the accumulator -------------------------------------------
+    ds_ptrs = ds_ptr + row_m * stride_dsm + col_n[None, :] * stride_dsr
+    a_ptrs = a_ptr + col_n[:, None] * stride_ar + col_k * stride_ak
+    for r0 in range(0, R, BLOCK_N):
+        mask_r = offs_n < R - r0
+        ds = tl.load(ds_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dtype)
+        a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(dtype)
+        acc = tl.dot(ds, a, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        ds_ptrs += stride_dsr * BLOCK_N
+        a_ptrs += stride_ar * BLOCK_N
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, keep_thresh, BLOCK_M, BLOCK_K)
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+
+    # -- base GEMM over N: acc += dy·W ----------------------------------------------------------
+    dy_ptrs = dy_ptr + row_m * stride_dym + col_n[None, :] * stride_dyn
+    w_ptrs = w_ptr + col_n[:, None] * stride_wn + col_k * stride_wk
+    dy_step = stride_dyn.to(tl.int64) * BLOCK_N
+    w_step = stride_wn.to(tl.int64) * BLOCK_N
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        dy_ptrs += dy_step
+        w_ptrs += w_step
+
+    # -- epilogue -----------------------------------------------------------------------------
+    dx_ptrs = dx_ptr + row_m * stride_dxm + col_k * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "M_KEY"])
+def _lora_bwd_da_kernel(
+    # pointers
+    ds_ptr, x_ptr, da_ptr, seed_ptr,
+    # sizes
+    M, K, R,
+    # strides
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
+    # scalars
+    keep_thresh, keep_scale,
+    M_KEY,  # bucketed M: autotune key only
+    # meta-parameters
+    HAS_DROPOUT: tl.constexpr, DA_ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    dtype = x_ptr.dtype.element_ty
+    acc_dtype = ds_ptr.dtype.element_ty
+    # -- program ids: (column block, rank block, row slab) ------------------------------------
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    blocks_per_slab = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(2))
+    m_begin = pid_s * blocks_per_slab * BLOCK_M
+    m_end = min(M, m_begin + blocks_per_slab * BLOCK_M)
+    # -- offsets ------------------------------------------------------------------------------
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    col_k = offs_k.to(tl.int64)[None, :]
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    # -- M loop over the slab: acc += dSᵀ·(m ⊙ x) ---------------------------------------------
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=acc_dtype)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        row_m = offs_m.to(tl.int64)[:, None]
+        ds = tl.load(ds_ptr + row_m * stride_dsm + offs_r[None, :] * stride_dsr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dtype)
+        x = tl.load(x_ptr + row_m * stride_xm + col_k * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, keep_thresh, BLOCK_M, BLOCK_K)
+            x = tl.where(keep, x * keep_scale, 0.0).to(dtype)
+        acc = tl.dot(tl.trans(ds), x, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+    # -- epilogue -----------------------------------------------------------------------------
+    da_ptrs = da_ptr + offs_r.to(tl.int64)[:, None] * stride_dar + col_k * stride_dak
+    da_mask = mask_r[:, None] & mask_k[None, :]
+    if DA_ATOMIC:
+        tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")
+    else:
+        tl.store(da_ptrs, acc, mask=da_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+def _slab_count(M, K, R, meta, block_r, device):
+    """B3 row slabs: enough programs to fill the GPU (~2 per SM), never more than row blocks."""
+    if device.type == "cuda":
+        programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter: a few slabs, so that tests exercise the cross-slab atomics
+        programs_wanted = 4
+    tiles = cdiv(K, meta["BLOCK_K"]) * cdiv(R, block_r)
+    return max(1, min(cdiv(programs_wanted, tiles), cdiv(M, meta["BLOCK_M"])))
+
+
+def lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, seed=None, keep_thresh=0, keep_scale=1.0,
+                  need_dx=True, need_dA=True, need_dB=True):
+    """Launch B1-B3 for what is needed. Inputs must already be validated.
+
+    Args:
+        dy: ``[M, N]`` (M ≥ 1, any strides, stride 0 allowed), x's dtype.
+        x, weight, lora_A, lora_B, scaling, seed, keep_thresh, keep_scale: as in the forward.
+        S: ``[M, r]`` saved by the forward (fp32; fp64 for fp64 x).
+
+    Returns:
+        ``(dx, dA, dB)``: dx ``[M, K]`` in x.dtype, dA ``[r, K]`` in lora_A.dtype, dB ``[N, r]``
+        in lora_B.dtype; None where not requested.
+
+    Reductions over M (dB in B1, dA in B3) use fp32 atomics, unless
+    ``torch.are_deterministic_algorithms_enabled()``: then dB partials are summed in a fixed
+    order and B3 runs unsplit, so results are bitwise reproducible.
+    """
+    M, N = dy.shape
+    K, R = x.shape[1], lora_A.shape[0]
+    device, itemsize = x.device, x.element_size()
+    acc_dtype = S.dtype
+    precision = dot_precision(x.dtype)
+    block_r = configs.block_r(R)
+    mk = configs.m_key(M)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    need_ds = need_dx or need_dA
+    has_dropout = seed is not None
+
+    # -- workspaces: one memset (atomic mode) or dB partials + direct dA store (deterministic) --
+    dS = torch.empty((M, R), device=device, dtype=acc_dtype) if need_ds else S
+    dB_parts = dA_acc = None
+    if deterministic:
+        if need_dB:
+            bm = fixed_meta("bwd_dy", _lora_bwd_dy_kernel, device, itemsize)["BLOCK_M"]
+            dB_parts = torch.empty((cdiv(M, bm), N, R), device=device, dtype=acc_dtype)
+        if need_dA:
+            dA_acc = torch.empty((R, K), device=device, dtype=acc_dtype)
+    elif need_dB or need_dA:
+        ws = torch.zeros(N * R * need_dB + R * K * need_dA, device=device, dtype=acc_dtype)
+        if need_dB:
+            dB_parts = ws[: N * R].view(1, N, R)
+        if need_dA:
+            dA_acc = ws[N * R * need_dB:].view(R, K)
+
+    # -- B1: dS and dB from one read of dy --------------------------------------------------
+    if need_ds or need_dB:
+        db = dB_parts if dB_parts is not None else S.view(1, M, R)  # dummy when not needed
+        launch(
+            "bwd_dy", _lora_bwd_dy_kernel,
+            lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r)), device, itemsize,
+            fixed=deterministic,
+            dy_ptr=dy, b_ptr=lora_B, s_ptr=S, ds_ptr=dS, db_ptr=db,
+            M=M, N=N, R=R,
+            stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
+            stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
+            stride_sm=S.stride(0), stride_sr=S.stride(1),
+            stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
+            stride_dbp=db.stride(0), stride_dbn=db.stride(1), stride_dbr=db.stride(2),
+            scaling=scaling, M_KEY=mk,
+            COMPUTE_DS=need_ds, COMPUTE_DB=need_dB, DB_ATOMIC=not deterministic,
+            DOT_PRECISION=precision, BLOCK_R=block_r,
+        )
+    dB = None
+    if need_dB:
+        dB = dB_parts.sum(0) if deterministic else dB_parts[0]
+
+    # -- B2: dx = dy·W + m ⊙ (dS·A) ------------------------------------------------------------
+    dx = None
+    if need_dx:
+        dx = torch.empty((M, K), device=device, dtype=x.dtype)
+        launch(
+            "bwd_dx", _lora_bwd_dx_kernel,
+            lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),), device, itemsize,
+            dy_ptr=dy, w_ptr=weight, ds_ptr=dS, a_ptr=lora_A, dx_ptr=dx,
+            seed_ptr=seed if has_dropout else dS,
+            M=M, N=N, K=K, R=R,
+            stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
+            stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+            stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
+            stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+            stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
+            keep_thresh=keep_thresh, keep_scale=keep_scale, M_KEY=mk,
+            HAS_DROPOUT=has_dropout, DOT_PRECISION=precision,
+        )
+
+    # -- B3: dA = dSᵀ·(m ⊙ x) ------------------------------------------------------------------
+    dA = None
+    if need_dA:
+        if deterministic:
+            grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), cdiv(R, block_r), 1)  # noqa: E731
+        else:
+            grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), cdiv(R, block_r),  # noqa: E731
+                                 _slab_count(M, K, R, meta, block_r, device))
+        launch(
+            "bwd_da", _lora_bwd_da_kernel, grid, device, itemsize,
+            ds_ptr=dS, x_ptr=x, da_ptr=dA_acc, seed_ptr=seed if has_dropout else dS,
+            M=M, K=K, R=R,
+            stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
+            stride_xm=x.stride(0), stride_xk=x.stride(1),
+            stride_dar=dA_acc.stride(0), stride_dak=dA_acc.stride(1),
+            keep_thresh=keep_thresh, keep_scale=keep_scale, M_KEY=mk,
+            HAS_DROPOUT=has_dropout, DA_ATOMIC=not deterministic, DOT_PRECISION=precision,
+            BLOCK_R=block_r,
+        )
+        dA = dA_acc.to(lora_A.dtype)
+    if dB is not None:
+        dB = dB.to(lora_B.dtype)
+    return dx, dA, dB

@@ -1,0 +1,16 @@
+from setuptools import setup
+
+setup(
+    name="fastlora",
+    version="0.1.0",
+    description="Fused LoRA linear layer for PyTorch: Triton forward/backward kernels",
+    packages=["fastlora", "fastlora.kernels"],
+    # kernels/ lives at the top of the repository but installs as fastlora.kernels (the names
+    # `kernels` and `fastlora` alone are taken on the package index by unrelated projects).
+    package_dir={"fastlora": "fastlora", "fastlora.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy"],
+    extras_require={
+        "test": ["pytest"],
+    },
+)
