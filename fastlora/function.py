@@ -78,7 +78,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 mask = _mask(seed_t, M, K, keep_thresh, keep_scale, device)
                 y, S = reference.lora_forward(x, weight, lora_A, lora_B, scaling, bias, mask)
         else:
-            y, S = kernels().lora_forward(x, weight, lora_A, lora_B, scaling, bias, seed_t, keep_thresh, keep_scale)
+            y, S = kernels().lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias, seed_t, keep_thresh, keep_scale)
 
         ctx.save_for_backward(input, weight, lora_A, lora_B, S, seed_t)
         ctx.scaling, ctx.keep = scaling, (keep_thresh, keep_scale)
@@ -108,7 +108,7 @@ class LoRALinearFunction(torch.autograd.Function):
                     dx, dA, dB = reference.lora_backward(dy, x, weight, lora_A, lora_B, S, ctx.scaling, mask,
                                                          need_dx, need_dA, need_dB)
             else:
-                dx, dA, dB = kernels().lora_backward(dy, x, weight, lora_A, lora_B, S, ctx.scaling, seed_t,
+                dx, dA, dB = kernels().lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, ctx.scaling, seed_t,
                                                      keep_thresh, keep_scale, need_dx, need_dA, need_dB)
         with torch.autocast(input.device.type, enabled=False):
             if need_dW:

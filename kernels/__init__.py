@@ -5,9 +5,9 @@ Knows nothing of nn.Module, autograd or PEFT: callers pass validated 2-D tensors
 the Triton interpreter (Triton reads it when the kernels are decorated).
 """
 from .launch import LAUNCH_COUNTS, is_interpreted
-from .lora_backward import lora_backward
-from .lora_forward import _lora_shrink_kernel, acc_dtype_of, lora_forward
+from .lora_backward import lora_linear_bwd
+from .lora_forward import _lora_shrink_kernel, lora_linear_fwd
 
 INTERPRETED = is_interpreted(_lora_shrink_kernel)
 
-__all__ = ["lora_forward", "lora_backward", "acc_dtype_of", "LAUNCH_COUNTS", "INTERPRETED"]
+__all__ = ["lora_linear_fwd", "lora_linear_bwd", "LAUNCH_COUNTS", "INTERPRETED"]

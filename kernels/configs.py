@@ -1,18 +1,18 @@
-"""Tile configurations per GPU architecture, pruning, and the autotune wrappers.
+"""Tile configurations per GPU architecture family, and the autotune wrappers.
 
-Every raw ``@triton.jit`` kernel stays callable with an explicit config (the interpreter and
-the compile-only tests do that); the ``triton.autotune`` wrappers are built lazily, one per
-(kernel, architecture), because the candidate list depends on the architecture and autotuning
-with several configs needs a GPU driver.
+Every raw ``@triton.jit`` kernel stays callable with an explicit config (the interpreter, the
+deterministic mode and the compile-only tests do that); the ``triton.autotune`` wrappers are
+built lazily, one per (kernel, architecture family, itemsize), because the candidates depend on
+the architecture and autotuning several configs needs a GPU driver.
 
 Status of the numbers: no GPU was available when these lists were written, so they are
-*candidates*, not measurements. Each was chosen from the shared-memory budget
-``(BLOCK_M·BLOCK_K + BLOCK_K·BLOCK_N)·itemsize·num_stages`` against the architecture's
-per-block limit (sm_80: 163 KiB, sm_86/89: 99 KiB, sm_90: 227 KiB), and every one of them is
-compiled on the CPU for sm_80 and sm_90 by ``tests/test_kernel_configs.py``, which asserts zero
-register spills, shared memory within the limit, and tensor-core instructions (``wgmma`` on
-sm_90). ``triton.autotune`` picks among them on the user's GPU, keyed by bucketed M, N, K, r and
-the dtypes. Replace these comments with measured numbers once ``bench/`` has run on a GPU.
+*candidates*, not measurements. Every one of them is compiled on the CPU for sm_80, sm_86 and
+sm_90 by ``tests/test_kernel_configs.py`` (``python -m bench.kernel_resources`` prints the
+table), which asserts zero register spills, shared memory within the family's per-block limit
+(sm_80: 163 KiB, sm_86/89: 99 KiB, sm_90: 227 KiB) and tensor-core instructions (``wgmma`` on
+sm_90 for the GEMM kernels). ``triton.autotune`` picks among them on the user's GPU, keyed by
+bucketed M, N, K, r and the dtypes. Replace these comments with measured numbers once
+``bench/`` has run on a GPU.
 """
 import functools
 
@@ -28,70 +28,74 @@ INTERPRETER_CONFIGS = {
     "bwd_da": dict(BLOCK_M=64, BLOCK_K=64),
 }
 
-# Largest rank block; r beyond it is tiled over a grid axis (each tile re-reads its operand).
-# 128 keeps the fp32 [BLOCK_M, BLOCK_R] accumulator at ≤ 64 registers/thread for BLOCK_M=64,
-# 4 warps.
-MAX_BLOCK_R = 128
+# Largest rank block; r beyond it is tiled over a grid axis (each tile re-reads its operand, so
+# r = 128 streams x twice in F1/B3 and dy twice in B1). Compiled for sm_80/sm_90 with
+# BLOCK_R = 128, the streaming kernels spilled (up to 13 KB) or exceeded shared memory in most
+# configs, because the fp32 adapter tile [BLOCK_K, BLOCK_R] is pipelined like the big operand;
+# 64 keeps every shipped config spill-free (tests/test_kernel_configs.py).
+MAX_BLOCK_R = 64
+# Adapters are PEFT's fp32 by default: budget their tiles at 4 bytes per element.
+ADAPTER_ITEMSIZE = 4
 
 
 def _c(num_warps, num_stages, **meta):
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# GEMM-shaped kernels (F2: y tile [BLOCK_M, BLOCK_N] over K; B2: dx tile [BLOCK_M, BLOCK_K]
-# over N). 128x128x64 with 8 warps / 3 stages is the usual Hopper bf16 starting point; the
-# 64-wide tiles cover small M (decode-like batches) and narrow N (k/v projections).
-_GEMM_16 = {
-    "sm90": [
-        _c(8, 3, BM=128, BN=128, BK=64, GROUP_M=8),
-        _c(8, 3, BM=128, BN=256, BK=64, GROUP_M=8),
-        _c(4, 4, BM=128, BN=128, BK=64, GROUP_M=8),
-        _c(4, 4, BM=64, BN=128, BK=64, GROUP_M=8),
-        _c(4, 4, BM=128, BN=64, BK=64, GROUP_M=8),
-        _c(4, 5, BM=64, BN=64, BK=64, GROUP_M=8),
-    ],
-    "sm80": [
-        _c(8, 3, BM=128, BN=256, BK=32, GROUP_M=8),
-        _c(4, 4, BM=128, BN=128, BK=32, GROUP_M=8),
-        _c(8, 3, BM=128, BN=128, BK=64, GROUP_M=8),
-        _c(4, 4, BM=64, BN=128, BK=32, GROUP_M=8),
-        _c(4, 4, BM=128, BN=64, BK=32, GROUP_M=8),
-        _c(4, 5, BM=64, BN=64, BK=32, GROUP_M=8),
-    ],
-}
-_GEMM_32 = [  # fp32 operands: half the BLOCK_K for the same bytes per stage
-    _c(8, 3, BM=128, BN=128, BK=32, GROUP_M=8),
-    _c(4, 3, BM=64, BN=128, BK=32, GROUP_M=8),
-    _c(4, 4, BM=64, BN=64, BK=32, GROUP_M=8),
-]
-_GEMM_64 = [_c(4, 2, BM=32, BN=32, BK=16, GROUP_M=8)]  # fp64: correctness path, FMA units
+def _gemm(rows, out_names):
+    """GEMM-shaped configs from (BLOCK_M, BLOCK_OUT, BLOCK_RED, num_warps, num_stages) rows."""
+    out, red = out_names
+    return [_c(w, s, BLOCK_M=m, **{out: o, red: k}, GROUP_M=8) for m, o, k, w, s in rows]
 
-# Streaming kernels (F1 over x, B1 over dy, B3 over x): a [BLOCK_M, BLOCK_K] tile of the big
-# operand per step, a thin rank-r dot. Enough rows in flight per SM matters more than tile shape.
-_STREAM_16 = [
-    _c(4, 4, BM=64, BK=64),
-    _c(4, 3, BM=64, BK=128),
-    _c(4, 4, BM=32, BK=128),
-    _c(8, 3, BM=128, BK=64),
-    _c(4, 4, BM=16, BK=256),
-]
-_STREAM_32 = [
-    _c(4, 3, BM=64, BK=32),
-    _c(4, 3, BM=32, BK=64),
-]
-_STREAM_64 = [_c(4, 2, BM=32, BK=16)]
 
-# Names of the meta-parameters of each kernel, in the abbreviations used above.
-_NAMES = {
-    "shrink": dict(BM="BLOCK_M", BK="BLOCK_K"),
-    "fwd": dict(BM="BLOCK_M", BN="BLOCK_N", BK="BLOCK_K", GROUP_M="GROUP_M"),
-    "bwd_dy": dict(BM="BLOCK_M", BK="BLOCK_N"),
-    "bwd_dx": dict(BM="BLOCK_M", BN="BLOCK_K", BK="BLOCK_N", GROUP_M="GROUP_M"),
-    "bwd_da": dict(BM="BLOCK_M", BK="BLOCK_K"),
+def _stream(rows, red):
+    """Streaming configs from (BLOCK_M, BLOCK_RED, num_warps, num_stages) rows."""
+    return [_c(w, s, BLOCK_M=m, **{red: k}) for m, k, w, s in rows]
+
+
+# Candidate lists per kernel, architecture family and operand itemsize. Each row survived the
+# compile-only check (tests/test_kernel_configs.py, via bench/kernel_resources.py) in its
+# heaviest variant: no register spills, shared memory within the family's limit; rows that
+# failed it were removed (e.g. sm_90 F2 128x256x64/8 warps: 28 B spilled and 240 KiB of shared
+# memory; sm_90 B2 128x128x64/4 warps: 592 B spilled). None is *tuned* yet: that needs a GPU.
+#
+# F2 (y tile [BLOCK_M, BLOCK_N] over K) and B2 (dx tile [BLOCK_M, BLOCK_K] over N): 128x128x64,
+# 8 warps, 3 stages is the usual Hopper bf16 start; 64-wide tiles cover small M and narrow N.
+_FWD_16 = {
+    "sm90": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 5)],
+    "sm80": [(128, 256, 32, 8, 3), (128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4),
+             (128, 64, 32, 4, 4), (64, 64, 32, 4, 5)],
+    "sm86": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 4)],
 }
-_SHAPE = {"shrink": "stream", "fwd": "gemm", "bwd_dy": "stream", "bwd_dx": "gemm", "bwd_da": "stream"}
+_DX_16 = {
+    "sm90": [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 5)],
+    "sm80": [(128, 128, 64, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 5)],
+    "sm86": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 4)],
+}
+_GEMM_32 = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4)]  # fp32: tf32 / ieee
+_GEMM_64 = [(32, 32, 16, 4, 2)]  # fp64: correctness path on FMA units
+
+# F1 (x over K), B1 (dy over N), B3 (x over M): a [BLOCK_M, BLOCK_RED] tile of the big operand
+# per step and a thin rank-BLOCK_R dot; enough bytes in flight per SM matters most.
+_STREAM_16 = {
+    "shrink": {"sm90": [(64, 64, 4, 4), (32, 128, 4, 4), (128, 64, 8, 3)],
+               "sm80": [(64, 64, 4, 4), (32, 128, 4, 4), (128, 64, 8, 3)],
+               "sm86": [(64, 64, 4, 3), (128, 64, 8, 2), (32, 64, 4, 4)]},
+    "bwd_dy": {"sm90": [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3)],
+               "sm80": [(64, 64, 4, 4), (128, 64, 8, 3)],
+               "sm86": [(64, 64, 4, 3), (128, 64, 8, 2)]},
+    "bwd_da": {"sm90": [(64, 64, 4, 4), (32, 128, 4, 4), (128, 64, 8, 3), (16, 256, 4, 4)],
+               "sm80": [(64, 64, 4, 4), (32, 128, 4, 4), (128, 64, 8, 3)],
+               "sm86": [(64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 8, 2)]},
+}
+_STREAM_32 = [(64, 32, 4, 3), (32, 64, 4, 3)]
+_STREAM_64 = [(32, 16, 4, 2)]
+
+_RED = {"shrink": "BLOCK_K", "bwd_dy": "BLOCK_N", "bwd_da": "BLOCK_K"}
+_GEMM_NAMES = {"fwd": ("BLOCK_N", "BLOCK_K"), "bwd_dx": ("BLOCK_K", "BLOCK_N")}
 
 SHARED_LIMIT = {"sm80": 163 * 1024, "sm86": 99 * 1024, "sm90": 227 * 1024}
+ARCH_FAMILIES = tuple(SHARED_LIMIT)
 
 
 def arch_of(capability):
@@ -100,38 +104,18 @@ def arch_of(capability):
     if major >= 9:
         return "sm90"
     if (major, minor) in ((8, 6), (8, 7), (8, 9)):
-        return "sm86"  # sm_80 tiles, pruned to the 99 KiB shared-memory budget
+        return "sm86"  # 99 KiB of shared memory per block
     return "sm80"
 
 
 def configs_for(kernel, arch, itemsize):
-    """Candidate ``triton.Config`` list of ``kernel`` for ``arch`` and an operand itemsize."""
-    family = _SHAPE[kernel]
-    if family == "gemm":
-        raw = {2: _GEMM_16["sm90" if arch == "sm90" else "sm80"], 4: _GEMM_32, 8: _GEMM_64}[itemsize]
-    else:
-        raw = {2: _STREAM_16, 4: _STREAM_32, 8: _STREAM_64}[itemsize]
-    names = _NAMES[kernel]
-    out = []
-    for cfg in raw:
-        meta = {names[k]: v for k, v in cfg.kwargs.items() if k in names}
-        c = triton.Config(meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if shared_bytes_estimate(kernel, c.kwargs, itemsize, c.num_stages) <= SHARED_LIMIT[arch]:
-            out.append(c)
-    return out
-
-
-def shared_bytes_estimate(kernel, meta, itemsize, num_stages, block_r=MAX_BLOCK_R):
-    """Pipelined operand bytes per block (an upper-bound model, checked against the compiler)."""
-    if kernel == "fwd":
-        per_stage = (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"]
-    elif kernel == "bwd_dx":
-        per_stage = (meta["BLOCK_M"] + meta["BLOCK_K"]) * meta["BLOCK_N"]
-    elif kernel == "bwd_dy":
-        per_stage = meta["BLOCK_M"] * meta["BLOCK_N"] + meta["BLOCK_N"] * block_r
-    else:
-        per_stage = meta["BLOCK_M"] * meta["BLOCK_K"] + meta["BLOCK_K"] * block_r
-    return per_stage * itemsize * num_stages
+    """Candidate ``triton.Config`` list of ``kernel`` for an arch family and operand itemsize."""
+    if kernel in _GEMM_NAMES:
+        table = _FWD_16 if kernel == "fwd" else _DX_16
+        rows = {2: table[arch], 4: _GEMM_32, 8: _GEMM_64}[itemsize]
+        return _gemm(rows, _GEMM_NAMES[kernel])
+    rows = {2: _STREAM_16[kernel][arch], 4: _STREAM_32, 8: _STREAM_64}[itemsize]
+    return _stream(rows, _RED[kernel])
 
 
 def block_r(r):
@@ -164,15 +148,31 @@ _AUTOTUNE_KEYS = {
 }
 _RESET = {"bwd_dy": ["db_ptr"], "bwd_da": ["da_ptr"]}
 
+# Meta-parameters derived from the sizes and the chosen config: the reduction loop drops its
+# tail masks when its length is a multiple of the block.
+HEURISTICS = {
+    "shrink": {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0},
+    "fwd": {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0},
+    "bwd_dy": {"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0},
+    "bwd_dx": {"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0},
+    "bwd_da": {},
+}
+
+
+def derived_meta(kernel, args):
+    """Values of ``HEURISTICS[kernel]`` for the launch arguments + config ``args``."""
+    return {name: fn(args) for name, fn in HEURISTICS[kernel].items()}
+
 
 @functools.lru_cache(maxsize=None)
 def autotuned(kernel, raw_fn, arch, itemsize):
     """The ``triton.autotune`` wrapper of ``raw_fn`` for ``arch`` (built once, cached).
 
     Atomically accumulated workspaces are reset to zero between trials (``reset_to_zero``)."""
+    fn = triton.heuristics(HEURISTICS[kernel])(raw_fn) if HEURISTICS[kernel] else raw_fn
     return triton.autotune(
         configs=configs_for(kernel, arch, itemsize),
         key=_AUTOTUNE_KEYS[kernel],
         prune_configs_by={"early_config_prune": _prune(kernel)},
         reset_to_zero=_RESET.get(kernel),
-    )(raw_fn)
+    )(fn)

@@ -36,13 +36,14 @@ def launch(name, raw_fn, grid, device, itemsize, fixed=False, **kwargs):
     LAUNCH_COUNTS[name] += 1
     if is_interpreted(raw_fn):
         meta = configs.INTERPRETER_CONFIGS[name]
-        raw_fn[grid(meta)](**kwargs, **meta)
+        raw_fn[grid(meta)](**kwargs, **meta, **configs.derived_meta(name, {**kwargs, **meta}))
         return meta
     arch = configs.arch_of(torch.cuda.get_device_capability(device))
     with torch.cuda.device(device):
         if fixed:
             cfg = configs.configs_for(name, arch, itemsize)[0]
-            raw_fn[grid(cfg.kwargs)](**kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
+            derived = configs.derived_meta(name, {**kwargs, **cfg.kwargs})
+            raw_fn[grid(cfg.kwargs)](**kwargs, **cfg.kwargs, **derived, num_warps=cfg.num_warps,
                                      num_stages=cfg.num_stages)
             return cfg.kwargs
         tuned = configs.autotuned(name, raw_fn, arch, itemsize)

@@ -46,40 +46,46 @@ def _lora_bwd_dy_kernel(
     scaling,
     M_KEY,  # bucketed M: autotune key only
     # meta-parameters
-    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, DB_ATOMIC: tl.constexpr,
+    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, DB_ATOMIC: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     dtype = dy_ptr.dtype.element_ty
     acc_dtype = s_ptr.dtype.element_ty
-    # -- program ids and offsets ------------------------------------------------------------
+    # -- program ids; int64 block bases, int32 in-block offsets --------------------------------
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    row_m = offs_m.to(tl.int64)[:, None]
-    col_n = offs_n.to(tl.int64)
-    dy_ptrs = dy_ptr + row_m * stride_dym + col_n[None, :] * stride_dyn
-    b_ptrs = b_ptr + col_n[:, None] * stride_bn + offs_r[None, :] * stride_br
-    dy_step = stride_dyn.to(tl.int64) * BLOCK_N
-    b_step = stride_bn.to(tl.int64) * BLOCK_N
+    m_start = pid_m * BLOCK_M
+    r_start = pid_r * BLOCK_R
+    rm = tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rn = tl.arange(0, BLOCK_N)
+    mask_m = rm < M - m_start
+    mask_r = rr < R - r_start
+    dy_ptrs = dy_ptr + tl.cast(m_start, tl.int64) * stride_dym + rm[:, None] * stride_dym + rn[None, :] * stride_dyn
+    b_ptrs = b_ptr + r_start * stride_br + rn[:, None] * stride_bn + rr[None, :] * stride_br
+    dy_step = tl.cast(stride_dyn, tl.int64) * BLOCK_N
+    b_step = tl.cast(stride_bn, tl.int64) * BLOCK_N
     if COMPUTE_DB:
-        s = tl.load(s_ptr + row_m * stride_sm + offs_r[None, :] * stride_sr,
+        # Rows past M load S = 0, so they add nothing to dB.
+        s_ptrs = s_ptr + tl.cast(m_start, tl.int64) * stride_sm + r_start * stride_sr
+        s = tl.load(s_ptrs + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dtype)
-        db_ptrs = db_ptr + col_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr
+        db_ptrs = db_ptr + r_start * stride_dbr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr
         if not DB_ATOMIC:
-            db_ptrs += pid_m.to(tl.int64) * stride_dbp
+            db_ptrs += tl.cast(pid_m, tl.int64) * stride_dbp
+        db_step = tl.cast(stride_dbn, tl.int64) * BLOCK_N
     # -- N loop: one read of dy feeds dS and the partial dB ------------------------------------
     acc_ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
     for n0 in range(0, N, BLOCK_N):
-        mask_n = offs_n < N - n0
+        if EVEN_N:
+            mask_n = rn < BLOCK_N
+        else:
+            mask_n = rn < N - n0
         dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         if COMPUTE_DS:
-            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(dtype)
-            acc_ds = tl.dot(dy, b, acc_ds, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            acc_ds = tl.dot(dy, b.to(dtype), acc_ds, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         if COMPUTE_DB:
             part = tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION, out_dtype=acc_dtype) * scaling
             db_mask = mask_n[:, None] & mask_r[None, :]
@@ -87,12 +93,13 @@ def _lora_bwd_dy_kernel(
                 tl.atomic_add(db_ptrs, part, mask=db_mask, sem="relaxed")
             else:
                 tl.store(db_ptrs, part, mask=db_mask)
-            db_ptrs += stride_dbn.to(tl.int64) * BLOCK_N
+            db_ptrs += db_step
         dy_ptrs += dy_step
         b_ptrs += b_step
     # -- store dS -----------------------------------------------------------------------------
     if COMPUTE_DS:
-        ds_ptrs = ds_ptr + row_m * stride_dsm + offs_r[None, :] * stride_dsr
+        ds_ptrs = ds_ptr + tl.cast(m_start, tl.int64) * stride_dsm + r_start * stride_dsr
+        ds_ptrs += rm[:, None] * stride_dsm + rr[None, :] * stride_dsr
         tl.store(ds_ptrs, acc_ds * scaling, mask=mask_m[:, None] & mask_r[None, :])
 
 
@@ -109,7 +116,7 @@ def _lora_bwd_dx_kernel(
     keep_thresh, keep_scale,
     M_KEY,  # bucketed M: autotune key only
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     dtype = dy_ptr.dtype.element_ty
@@ -124,48 +131,58 @@ def _lora_bwd_dx_kernel(
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_k = (pid % num_pid_in_group) // group_size_m
-    # -- offsets ------------------------------------------------------------------------------
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
-    row_m = offs_m.to(tl.int64)[:, None]
-    col_k = offs_k.to(tl.int64)[None, :]
-    col_n = offs_n.to(tl.int64)
+    m_start = pid_m * BLOCK_M
+    k_start = pid_k * BLOCK_K
+    # -- offsets: rows past M / columns past K are clamped (read, never stored); only the N and
+    # r tails need load masks ------------------------------------------------------------------
+    rm = tl.minimum(tl.arange(0, BLOCK_M), M - 1 - m_start)
+    rk = tl.minimum(tl.arange(0, BLOCK_K), K - 1 - k_start)
+    rn = tl.arange(0, BLOCK_N)
+    dy_ptr += tl.cast(m_start, tl.int64) * stride_dym
+    ds_ptr += tl.cast(m_start, tl.int64) * stride_dsm
+    w_ptr += tl.cast(k_start, tl.int64) * stride_wk
+    a_ptr += tl.cast(k_start, tl.int64) * stride_ak
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_dtype)
     # -- LoRA term m ⊙ (dS·A) seeds the accumulator -------------------------------------------
-    ds_ptrs = ds_ptr + row_m * stride_dsm + col_n[None, :] * stride_dsr
-    a_ptrs = a_ptr + col_n[:, None] * stride_ar + col_k * stride_ak
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_dtype)
+    ds_ptrs = ds_ptr + rm[:, None] * stride_dsm + rn[None, :] * stride_dsr
+    a_ptrs = a_ptr + rn[:, None] * stride_ar + rk[None, :] * stride_ak
     for r0 in range(0, R, BLOCK_N):
-        mask_r = offs_n < R - r0
-        ds = tl.load(ds_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dtype)
-        a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(dtype)
-        acc = tl.dot(ds, a, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        mask_r = rn < R - r0
+        ds = tl.load(ds_ptrs, mask=mask_r[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=mask_r[:, None], other=0.0)
+        acc = tl.dot(ds.to(dtype), a.to(dtype), acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         ds_ptrs += stride_dsr * BLOCK_N
         a_ptrs += stride_ar * BLOCK_N
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-        keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, keep_thresh, BLOCK_M, BLOCK_K)
+        keep = dropout_keep(seed, m_start + tl.arange(0, BLOCK_M), k_start, keep_thresh, BLOCK_M, BLOCK_K)
         acc = tl.where(keep, acc * keep_scale, 0.0)
 
     # -- base GEMM over N: acc += dy·W ----------------------------------------------------------
-    dy_ptrs = dy_ptr + row_m * stride_dym + col_n[None, :] * stride_dyn
-    w_ptrs = w_ptr + col_n[:, None] * stride_wn + col_k * stride_wk
-    dy_step = stride_dyn.to(tl.int64) * BLOCK_N
-    w_step = stride_wn.to(tl.int64) * BLOCK_N
+    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk
+    dy_step = tl.cast(stride_dyn, tl.int64) * BLOCK_N
+    w_step = tl.cast(stride_wn, tl.int64) * BLOCK_N
     for n0 in range(0, N, BLOCK_N):
-        mask_n = offs_n < N - n0
-        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if EVEN_N:
+            dy = tl.load(dy_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            mask_n = rn < N - n0
+            dy = tl.load(dy_ptrs, mask=mask_n[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         dy_ptrs += dy_step
         w_ptrs += w_step
 
-    # -- epilogue -----------------------------------------------------------------------------
-    dx_ptrs = dx_ptr + row_m * stride_dxm + col_k * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+    # -- epilogue: cast, masked store -----------------------------------------------------------
+    cm = tl.arange(0, BLOCK_M)
+    ck = tl.arange(0, BLOCK_K)
+    dx_ptrs = dx_ptr + tl.cast(m_start, tl.int64) * stride_dxm + tl.cast(k_start, tl.int64) * stride_dxk
+    dx_ptrs += cm[:, None] * stride_dxm + ck[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty),
+             mask=(cm < M - m_start)[:, None] & (ck < K - k_start)[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "M_KEY"])
@@ -192,30 +209,37 @@ def _lora_bwd_da_kernel(
     blocks_per_slab = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(2))
     m_begin = pid_s * blocks_per_slab * BLOCK_M
     m_end = min(M, m_begin + blocks_per_slab * BLOCK_M)
+    k_start = pid_k * BLOCK_K
+    r_start = pid_r * BLOCK_R
     # -- offsets ------------------------------------------------------------------------------
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_k = offs_k < K
-    mask_r = offs_r < R
-    col_k = offs_k.to(tl.int64)[None, :]
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    mask_k = rk < K - k_start
+    mask_r = rr < R - r_start
+    ds_ptrs = ds_ptr + tl.cast(m_begin, tl.int64) * stride_dsm + r_start * stride_dsr
+    ds_ptrs += rm[:, None] * stride_dsm + rr[None, :] * stride_dsr
+    x_ptrs = x_ptr + tl.cast(m_begin, tl.int64) * stride_xm + tl.cast(k_start, tl.int64) * stride_xk
+    x_ptrs += rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    ds_step = tl.cast(stride_dsm, tl.int64) * BLOCK_M
+    x_step = tl.cast(stride_xm, tl.int64) * BLOCK_M
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     # -- M loop over the slab: acc += dSᵀ·(m ⊙ x) ---------------------------------------------
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=acc_dtype)
     for m0 in range(m_begin, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < m_end
-        row_m = offs_m.to(tl.int64)[:, None]
-        ds = tl.load(ds_ptr + row_m * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dtype)
-        x = tl.load(x_ptr + row_m * stride_xm + col_k * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        mask_m = rm < m_end - m0
+        ds = tl.load(ds_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, keep_thresh, BLOCK_M, BLOCK_K)
+            keep = dropout_keep(seed, m0 + rm, k_start, keep_thresh, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x * keep_scale, 0.0).to(dtype)
-        acc = tl.dot(tl.trans(ds), x, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        acc = tl.dot(tl.trans(ds.to(dtype)), x, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        ds_ptrs += ds_step
+        x_ptrs += x_step
     # -- epilogue -----------------------------------------------------------------------------
-    da_ptrs = da_ptr + offs_r.to(tl.int64)[:, None] * stride_dar + col_k * stride_dak
+    da_ptrs = da_ptr + r_start * stride_dar + tl.cast(k_start, tl.int64) * stride_dak
+    da_ptrs += rr[:, None] * stride_dar + rk[None, :] * stride_dak
     da_mask = mask_r[:, None] & mask_k[None, :]
     if DA_ATOMIC:
         tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")
@@ -236,7 +260,7 @@ def _slab_count(M, K, R, meta, block_r, device):
     return max(1, min(cdiv(programs_wanted, tiles), cdiv(M, meta["BLOCK_M"])))
 
 
-def lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, seed=None, keep_thresh=0, keep_scale=1.0,
+def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scaling, seed=None, keep_thresh=0, keep_scale=1.0,
                   need_dx=True, need_dA=True, need_dB=True):
     """Launch B1-B3 for what is needed. Inputs must already be validated.
 

@@ -50,39 +50,46 @@ def _lora_shrink_kernel(
     keep_thresh, keep_scale,
     M_KEY,  # bucketed M: autotune key only
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     dtype = x_ptr.dtype.element_ty
     acc_dtype = s_ptr.dtype.element_ty
-    # -- program ids and offsets ------------------------------------------------------------
+    # -- program ids; int64 block bases, int32 in-block offsets --------------------------------
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
-    a_ptrs = a_ptr + offs_r.to(tl.int64)[None, :] * stride_ar + offs_k.to(tl.int64)[:, None] * stride_ak
-    x_step = stride_xk.to(tl.int64) * BLOCK_K
-    a_step = stride_ak.to(tl.int64) * BLOCK_K
+    m_start = pid_m * BLOCK_M
+    r_start = pid_r * BLOCK_R
+    rm = tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M - m_start
+    mask_r = rr < R - r_start
+    x_ptrs = x_ptr + tl.cast(m_start, tl.int64) * stride_xm + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    a_ptrs = a_ptr + tl.cast(r_start, tl.int64) * stride_ar + rr[None, :] * stride_ar + rk[:, None] * stride_ak
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     # -- K loop: acc += (m ⊙ x)·Aᵀ ------------------------------------------------------------
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
     for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=mask_r[None, :], other=0.0)
+        else:
+            mask_k = rk < K - k0
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, k0, keep_thresh, BLOCK_M, BLOCK_K)
+            keep = dropout_keep(seed, m_start + rm, k0, keep_thresh, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x * keep_scale, 0.0).to(dtype)
-        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(dtype)
-        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        acc = tl.dot(x, a.to(dtype), acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         x_ptrs += x_step
         a_ptrs += a_step
     # -- store S ------------------------------------------------------------------------------
-    s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    s_ptrs = s_ptr + tl.cast(m_start, tl.int64) * stride_sm + r_start * stride_sr
+    s_ptrs += rm[:, None] * stride_sm + rr[None, :] * stride_sr
     tl.store(s_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
@@ -99,7 +106,7 @@ def _lora_linear_fwd_kernel(
     scaling,
     M_KEY,  # bucketed M: autotune key only
     # meta-parameters
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     dtype = x_ptr.dtype.element_ty
@@ -114,48 +121,58 @@ def _lora_linear_fwd_kernel(
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
-    # -- offsets ------------------------------------------------------------------------------
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    row_m = offs_m.to(tl.int64)[:, None]
-    col_n = offs_n.to(tl.int64)[None, :]
-    col_k = offs_k.to(tl.int64)
+    m_start = pid_m * BLOCK_M
+    n_start = pid_n * BLOCK_N
+    # -- offsets: int64 block bases, int32 in-block offsets. Rows past M and N are clamped to
+    # the last valid one (read, never stored), so only the K and r tails need load masks. ------
+    rm = tl.minimum(tl.arange(0, BLOCK_M), M - 1 - m_start)
+    rn = tl.minimum(tl.arange(0, BLOCK_N), N - 1 - n_start)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptr += tl.cast(m_start, tl.int64) * stride_xm
+    s_ptr += tl.cast(m_start, tl.int64) * stride_sm
+    w_ptr += tl.cast(n_start, tl.int64) * stride_wn
+    b_ptr += tl.cast(n_start, tl.int64) * stride_bn
 
     # -- LoRA expand seeds the accumulator: acc = (s·S)·Bᵀ, r in BLOCK_K-wide steps ------------
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    s_ptrs = s_ptr + row_m * stride_sm + col_k[None, :] * stride_sr
-    b_ptrs = b_ptr + col_n * stride_bn + col_k[:, None] * stride_br
+    s_ptrs = s_ptr + rm[:, None] * stride_sm + rk[None, :] * stride_sr
+    b_ptrs = b_ptr + rn[None, :] * stride_bn + rk[:, None] * stride_br
     for r0 in range(0, R, BLOCK_K):
-        mask_r = offs_k < R - r0
-        s = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        s = (s * scaling).to(dtype)
-        b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(dtype)
-        acc = tl.dot(s, b, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        mask_r = rk < R - r0
+        s = tl.load(s_ptrs, mask=mask_r[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_r[:, None], other=0.0)
+        acc = tl.dot((s * scaling).to(dtype), b.to(dtype), acc, input_precision=DOT_PRECISION,
+                     out_dtype=acc_dtype)
         s_ptrs += stride_sr * BLOCK_K
         b_ptrs += stride_br * BLOCK_K
 
     # -- base GEMM into the same accumulator: acc += x·Wᵀ --------------------------------------
-    x_ptrs = x_ptr + row_m * stride_xm + col_k[None, :] * stride_xk
-    w_ptrs = w_ptr + col_n * stride_wn + col_k[:, None] * stride_wk
-    x_step = stride_xk.to(tl.int64) * BLOCK_K
-    w_step = stride_wk.to(tl.int64) * BLOCK_K
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
+    w_step = tl.cast(stride_wk, tl.int64) * BLOCK_K
     for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            mask_k = rk < K - k0
+            x = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         x_ptrs += x_step
         w_ptrs += w_step
 
-    # -- epilogue: bias, cast, store ----------------------------------------------------------
+    # -- epilogue: bias, cast, masked store ---------------------------------------------------
+    cm = tl.arange(0, BLOCK_M)
+    cn = tl.arange(0, BLOCK_N)
+    mask_n = cn < N - n_start
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + n_start + cn, mask=mask_n, other=0.0)
         acc += bias.to(acc_dtype)[None, :]
-    y_ptrs = y_ptr + row_m * stride_ym + col_n * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    y_ptrs = y_ptr + tl.cast(m_start, tl.int64) * stride_ym + tl.cast(n_start, tl.int64) * stride_yn
+    y_ptrs += cm[:, None] * stride_ym + cn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(cm < M - m_start)[:, None] & mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +183,7 @@ def acc_dtype_of(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, seed=None, keep_thresh=0, keep_scale=1.0):
+def lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias=None, seed=None, keep_thresh=0, keep_scale=1.0):
     """Launch F1 and F2. Inputs must already be validated (fastlora.functional does it).
 
     Args:
