@@ -26,8 +26,8 @@ from fastlora.kernels import configs
 _FWD = importlib.import_module("fastlora.kernels.lora_forward")
 _BWD = importlib.import_module("fastlora.kernels.lora_backward")
 
-_TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+_TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
+_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
 # kernel name -> (raw kernel, pointer dtypes (T = compute dtype, A = accumulator),
 #                 strides that are 1 in the usual row-major layouts, heaviest variant)
@@ -84,7 +84,7 @@ def compile_config(kernel, arch, dtype, cfg, variant=None):
     """Compile one config of ``kernel`` for ``sm_<arch>`` and ``dtype``; return its Resources."""
     fn, ptrs, unit_strides, heavy = KERNELS[kernel]
     itemsize = _ITEMSIZE[dtype]
-    acc = "fp32"
+    acc = "fp64" if dtype == "fp64" else "fp32"
     meta = {**heavy, **(variant or {}), **cfg.kwargs}
     meta["DOT_PRECISION"] = "tf32" if dtype == "fp32" else "ieee"
     constexprs = dict(meta)

@@ -49,7 +49,9 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     autocast = torch.is_autocast_enabled(device_type)
     check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=not autocast)
     scaling = check_scaling(scaling)
-    p = check_dropout_p(dropout_p) if training else 0.0
+    p = check_dropout_p(dropout_p)
+    if not training:
+        p = 0.0
     if seed is not None:
         check_seed(seed)
     if not autocast:

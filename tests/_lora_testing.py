@@ -56,8 +56,8 @@ def assert_close(name, out, ref, dtype, L, backend="torch"):
     """Relative Frobenius error ≤ tolerance, and every element within 8·tol of the ref's scale."""
     assert out is not None, f"{name}: no gradient returned"
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    out64 = out.detach().to(torch.float64)
     ref = ref.detach()
+    out64 = out.detach().to(device=ref.device, dtype=torch.float64)
     assert torch.isfinite(out64).all(), f"{name}: non-finite values"
     tol = tolerance(dtype, L, backend)
     denom = ref.norm().item()
@@ -85,12 +85,13 @@ def make_inputs(M, N, K, r, dtype, device, bias=True, adapter_dtype=torch.float3
 
 
 def oracle(x, W, A, B, b, scaling, mask, dy):
-    """fp64 forward and gradients of the plain formula (autograd), from the same rounded inputs."""
-    leaves = [t.detach().cpu().double().requires_grad_() if t is not None else None for t in (x, W, A, B, b)]
+    """fp64 forward and gradients of the plain formula (autograd), from the same rounded inputs,
+    computed on the inputs' device."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, W, A, B, b)]
     x64, W64, A64, B64, b64 = leaves
-    m64 = None if mask is None else mask.cpu().double()
+    m64 = None if mask is None else mask.double()
     y = reference.lora_linear_ref(x64, W64, A64, B64, scaling, b64, m64)
-    y.backward(dy.detach().cpu().double())
+    y.backward(dy.detach().double())
     return y.detach(), x64.grad, W64.grad, A64.grad, B64.grad, None if b64 is None else b64.grad
 
 

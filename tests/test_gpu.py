@@ -1,0 +1,104 @@
+"""Compiled-kernel tests: need a CUDA device (they skip cleanly without one).
+
+bf16 (which the interpreter cannot run), LLM-sized shapes, the autotuned configs, the CUDA
+kernel count per pass, bitwise reproducibility in deterministic mode, and an input with
+M·K > 2³¹ elements. ``bench/device_check.sh`` runs this file on a lent GPU.
+"""
+import pytest
+import torch
+
+from _lora_testing import assert_close, coarser, fastlora, make_inputs, oracle
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M,N,K,r", [(4096, 4096, 4096, 16), (2048, 1024, 4096, 64), (1000, 14336, 4096, 8),
+                                     (3000, 4096, 14336, 16), (77, 333, 4096, 33), (8192, 512, 768, 256)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, "same"], ids=["A32", "Asame"])
+def test_large_shapes(dtype, M, N, K, r, adapter_dtype):
+    adapter_dtype = dtype if adapter_dtype == "same" else adapter_dtype
+    x, W, A, B, b, dy = make_inputs(M, N, K, r, dtype, "cuda", adapter_dtype=adapter_dtype)
+    for t in (x, A, B, b):
+        t.requires_grad_()
+    p, seed = 0.1, 42
+    y = fastlora.lora_linear(x, W, A, B, 2.0, b, dropout_p=p, seed=seed)
+    y.backward(dy)
+    mask = fastlora.dropout_mask(x.shape, p, seed, device="cuda", dtype=torch.float64)
+    ref = oracle(x, W, A, B, b, 2.0, mask, dy)  # fp64 on the GPU
+    assert_close("y", y, ref[0], dtype, K + r, "triton")
+    assert_close("dx", x.grad, ref[1], dtype, N + r, "triton")
+    assert_close("dA", A.grad, ref[3], coarser(dtype, A.dtype), M, "triton")
+    assert_close("dB", B.grad, ref[4], coarser(dtype, B.dtype), M, "triton")
+    assert_close("db", b.grad, ref[5], dtype, M, "triton")
+
+
+def test_fp32_with_and_without_tf32():
+    x, W, A, B, b, dy = make_inputs(512, 384, 1024, 16, torch.float32, "cuda")
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            y = fastlora.lora_linear(x, W, A, B, 2.0, b)
+            ref = oracle(x, W, A, B, b, 2.0, None, dy)[0]
+            assert_close(f"y tf32={allow}", y, ref, torch.float32, 1040, "triton")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def _cuda_kernels(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and "memcpy" not in e.name.lower()]
+
+
+def test_cuda_kernel_counts():
+    x, W, A, B, b, dy = make_inputs(4096, 1024, 2048, 16, torch.bfloat16, "cuda")
+    x.requires_grad_()
+    A.requires_grad_()
+    B.requires_grad_()
+    fastlora.lora_linear(x, W, A, B, 2.0, b, dropout_p=0.1, seed=1).backward(dy)  # autotune first
+    ys = []
+    fwd = _cuda_kernels(lambda: ys.append(fastlora.lora_linear(x, W, A, B, 2.0, b, dropout_p=0.1, seed=1)))
+    bwd = _cuda_kernels(lambda: ys[0].backward(dy))
+    assert len(fwd) == 2, fwd
+    # B1, B2, B3 + the workspace memset
+    assert len(bwd) <= 4 and sum("lora" in n for n in bwd) == 3, bwd
+
+
+def test_deterministic_mode_is_bitwise_reproducible():
+    x, W, A, B, b, dy = make_inputs(3000, 1024, 2048, 16, torch.bfloat16, "cuda")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = []
+        for _ in range(2):
+            xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+            y = fastlora.lora_linear(xg, W, Ag, Bg, 2.0, b, dropout_p=0.1, seed=9)
+            y.backward(dy)
+            outs.append((y, xg.grad, Ag.grad, Bg.grad))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for name, u, v in zip(("y", "dx", "dA", "dB"), *outs):
+        assert torch.equal(u, v), name
+
+
+def test_input_larger_than_2_pow_31_elements():
+    """M·K > 2³¹ (8 GiB of bf16): int64 block offsets must address every row."""
+    M, K, N, r = (1 << 20) + 3, 2048 + 64, 64, 16
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2 ** 30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5
+    A = torch.randn(r, K, device="cuda", generator=g) / K ** 0.5
+    B = torch.randn(N, r, device="cuda", generator=g)
+    y = fastlora.lora_linear(x, W, A, B, 2.0)
+    rows = torch.tensor([0, 1, M // 2, M - 2, M - 1], device="cuda")
+    xs = x[rows].double()
+    ref = xs @ W.double().t() + 2.0 * (xs @ A.double().t()) @ B.double().t()
+    assert_close("y rows", y[rows], ref, torch.bfloat16, K + r, "triton")
