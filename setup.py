@@ -11,6 +11,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy"],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "peft", "transformers", "safetensors"],
+        "bench": ["matplotlib", "tqdm", "peft", "transformers"],
     },
 )

@@ -129,10 +129,11 @@ def m_key(M):
 
 
 def _prune(kernel):
-    """Drop configs whose row block is far larger than M (they waste a whole tile)."""
+    """Drop configs whose row block is far larger than M (they waste most of a tile)."""
 
     def prune(configs, named_args, **kwargs):
-        M = named_args["M_KEY"]
+        # fastlora launches with keyword arguments only, which Triton passes here as **kwargs
+        M = {**named_args, **kwargs}["M_KEY"]
         keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(M, 16) * 2]
         return keep or configs[-1:]
 

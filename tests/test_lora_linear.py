@@ -212,3 +212,32 @@ def test_reference_explicit_backward_matches_autograd():
     y_ref, dx_ref, _, dA_ref, dB_ref, _ = oracle(x, W, A, B, b, 0.6, mask, dy)
     for name, out, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dA", dA, dA_ref), ("dB", dB, dB_ref)):
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16], ids=["amp16", "ampbf16"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, "amp"], ids=["W32", "Wamp"])
+def test_autocast_behaves_like_linear_plus_peft(backend, device, amp, weight_dtype):
+    """Under autocast: input, weight, bias cast to the autocast dtype (as nn.Linear), LoRA matmuls
+    in that dtype (as PEFT), fp32 adapters keep fp32 grads; an fp32 activation with half weights works."""
+    skip_unsupported(backend, amp)
+    device_type = torch.device(device).type
+    x, W, A, B, b, dy = make_inputs(37, 45, 70, 12, torch.float32, device)
+    if weight_dtype == "amp":
+        W, b = W.to(amp), b.to(amp)
+    x.requires_grad_()
+    A.requires_grad_()
+    B.requires_grad_()
+    with torch.autocast(device_type, dtype=amp):
+        y = run(backend, fastlora.lora_linear, x, W, A, B, 2.0, b, dropout_p=0.1, seed=4)
+        base = torch.nn.functional.linear(x, W, b)
+    assert y.dtype == amp == base.dtype
+    y.float().backward(dy)
+    assert x.grad.dtype == torch.float32 and A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    # the same computation written out in the autocast dtype
+    mask = fastlora.dropout_mask(x.shape, 0.1, 4, device=device, dtype=torch.float64)
+    ref = oracle(x.to(amp), W.to(amp), A.to(amp), B.to(amp), b.to(amp), 2.0, mask, dy.to(amp))
+    assert_close("y", y, ref[0], amp, 82, backend)
+    assert_close("dx", x.grad, ref[1], amp, 57, backend)
+    assert_close("dA", A.grad, ref[3], amp, 37, backend)
+    assert_close("dB", B.grad, ref[4], amp, 37, backend)
