@@ -1,13 +1,37 @@
 """fastlora: a fused LoRA linear layer for PyTorch, with Triton kernels.
 
 ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` in two forward and three backward launches, with the
-dropout mask regenerated from a seed instead of stored.
+dropout mask regenerated from a seed instead of stored; a drop-in layer, model injection, PEFT
+acceleration and PEFT-format adapters around it.
 """
 from .backend import kernel_backend
 from .dropout import dropout_mask
 from .function import LoRALinearFunction
 from .functional import lora_linear
+from .layer import LoRALinear
+from .model import inject_lora, load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["lora_linear", "LoRALinearFunction", "dropout_mask", "kernel_backend", "__version__"]
+
+def patch_peft_model(model):
+    """See :func:`fastlora.peft.patch_peft_model` (imports PEFT on first use)."""
+    from .peft import patch_peft_model as patch
+    return patch(model)
+
+
+def unpatch_peft_model(model):
+    """See :func:`fastlora.peft.unpatch_peft_model`."""
+    from .peft import unpatch_peft_model as unpatch
+    return unpatch(model)
+
+
+def __getattr__(name):
+    if name == "PatchReport":
+        from .peft import PatchReport
+        return PatchReport
+    raise AttributeError(f"module 'fastlora' has no attribute {name!r}")
+
+
+__all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "dropout_mask", "kernel_backend", "inject_lora",
+           "save_adapter", "load_adapter", "patch_peft_model", "unpatch_peft_model", "PatchReport", "__version__"]

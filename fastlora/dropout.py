@@ -62,6 +62,13 @@ def check_seed(seed):
     return seed & _U64
 
 
+def draw_seed(device):
+    """A 64-bit seed as an int64 ``[1]`` tensor on ``device``, drawn from torch's default
+    generator of that device (so ``torch.manual_seed`` reproduces it and
+    ``torch.utils.checkpoint`` recomputation, which restores the RNG state, draws it again)."""
+    return torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64, device=device)
+
+
 def keep_params(p):
     """``(keep_thresh, keep_scale)`` for dropout probability ``p``: an element is kept iff its
     16-bit random value is ``< keep_thresh = round((1 - p)·2¹⁶)``; kept values are scaled by

@@ -14,14 +14,14 @@ from torch.autograd.function import once_differentiable
 from . import reference
 from ._checks import check_inputs, check_scaling
 from .backend import kernel_backend, kernels
-from .dropout import check_dropout_p, check_seed, keep_bits, keep_params
+from .dropout import check_dropout_p, check_seed, draw_seed, keep_bits, keep_params
 
 
 def _seed_tensor(seed, device):
     """int64 ``[1]`` seed tensor on ``device``; ``None`` draws it from that device's generator
     (so ``torch.manual_seed`` and checkpoint recomputation reproduce it)."""
     if seed is None:
-        return torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64, device=device)
+        return draw_seed(device)
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed: expected an int or a one-element int64 tensor, got {seed.dtype} "

@@ -81,3 +81,30 @@ def lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, mask=None,
     if need_dA:
         dA = (dSc.t() @ dropped(x, mask).to(acc)).to(lora_A.dtype)
     return dx, dA, dB
+
+
+class SeededDropout(torch.nn.Module):
+    """Eager dropout that applies fastlora's mask: for checking fastlora against PEFT with the
+    same dropout. It draws its seed exactly as :func:`fastlora.lora_linear` does with
+    ``seed=None`` (:func:`fastlora.dropout.draw_seed`), so after the same ``torch.manual_seed``
+    and the same sequence of calls both see the same masks.
+
+    Input ``[..., K]``, any float dtype; output ``x * dropout_mask(x.shape, p, seed)`` in x's
+    dtype (rounded once, as the kernels do). Identity in eval mode or at ``p = 0``.
+    """
+
+    def __init__(self, p):
+        super().__init__()
+        from .dropout import check_dropout_p
+        self.p = check_dropout_p(p)
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        from .dropout import draw_seed, dropout_mask
+        seed = int(draw_seed(x.device).item())
+        mask = dropout_mask(x.shape, self.p, seed, device=x.device, dtype=acc_dtype_of(x.dtype))
+        return dropped(x, mask)
+
+    def extra_repr(self):
+        return f"p={self.p}"
