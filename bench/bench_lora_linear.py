@@ -1,0 +1,356 @@
+"""LoRA linear benchmark: fastlora against the unfused reference, PEFT, torch.compile, addmm and
+the frozen base linear, in one harness.
+
+    python -m bench --preset device --out DIR      # the lent-GPU standard set (~6 min on an H200)
+    python -m bench --smoke --out DIR              # CPU, tiny shapes, fastlora under the interpreter
+    python -m bench --sets llama3-8b --tokens 2048 8192 --ranks 16 --modes fwd+bwd ...
+
+Per row (one provider, shape, rank, dtype, dropout and mode): median / p20 / p80 ms
+(``triton.testing.do_bench``, which flushes the L2 cache before every repetition), the ratio to
+``base`` and the speedup over ``eager`` (same shape, dtype, dropout and mode), TFLOP/s from the
+FLOP formula below, GB/s against the minimal bytes below, the peak memory of one fwd+bwd, the
+bytes saved for backward beyond the input and the parameters, and (fwd+bwd rows) the max
+relative error of y and every gradient against a float64 reference, measured at dropout 0 (the
+providers draw different masks). Rows are appended to ``<out>/lora_linear.csv``, with the GPU name,
+torch and triton versions, commit and date; plots go to ``<out>/*.png``.
+
+FLOPs (2 per multiply-add), rank r, tokens M:
+    fwd  2MNK + 2MKr + 2MNr          (base: 2MNK)
+    bwd  2MNK + 4MNr + 4MKr          dx, dS, dB, dA  (base: 2MNK for dx)
+Minimal bytes (each operand read once, each result written once, e = element size):
+    fwd  e·(MK + NK + MN) + adapters     bwd  e·(MN + MK + NK + MK) + adapters
+"""
+import argparse
+import csv
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from . import shapes as S
+
+PROVIDERS = ("base", "eager", "peft", "peft-fp32", "compile", "addmm", "fastlora", "fastlora-fp32")
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+COLUMNS = ["date", "commit", "gpu", "torch", "triton", "set", "layer", "M", "N", "K", "r", "dtype", "dropout", "mode",
+           "provider", "median_ms", "p20_ms", "p80_ms", "ratio_to_base", "speedup_vs_eager", "tflops", "gbps",
+           "peak_mem_mb", "saved_extra_bytes", "lora_mk_saved", "max_rel_err", "smoke"]
+
+PRESETS = {
+    # The standard set for a lent GPU (bench/device_check.sh): Llama-3-8B's distinct layer shapes.
+    "device": dict(sets=["llama3-8b"], tokens=[2048, 8192], ranks=[16], dropout=[0.0, 0.1], dtypes=["bf16"],
+                   modes=["fwd+bwd"], extra=[dict(tokens=[8192], dropout=[0.1], modes=["fwd", "bwd"]),
+                                             dict(tokens=[8192], dropout=[0.1], ranks=[8, 64], layers=["q_proj"]),
+                                             dict(tokens=[8192], dropout=[0.1], dtypes=["fp16"], layers=["q_proj"])]),
+    "full": dict(sets=["llama3-8b", "qwen2.5-7b", "mistral-7b", "smollm2-135m", "minilm"], tokens=list(S.TOKENS),
+                 ranks=list(S.RANKS), dropout=[0.0, 0.1], dtypes=["bf16", "fp16"], modes=list(MODES), extra=[]),
+    "smoke": dict(sets=["smoke"], tokens=[64], ranks=[8], dropout=[0.0, 0.1], dtypes=["fp32"],
+                  modes=list(MODES), extra=[]),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Goals the summary reports against (issue #4; never asserted in tests): fwd+bwd, M=8192, bf16,
+# r=16, dropout 0.1 on H100/H200.
+GOALS = {"q_proj": 1.06, "k_proj": 1.20, "gate_proj": 1.05}
+GOAL_SPEEDUP = {"eager": 1.35, "compile": 1.2}
+
+
+def flops(M, N, K, r, mode, provider):
+    if provider == "base":
+        return {"fwd": 2 * M * N * K, "bwd": 2 * M * N * K, "fwd+bwd": 4 * M * N * K}[mode]
+    fwd = 2 * M * N * K + 2 * M * K * r + 2 * M * N * r
+    bwd = 2 * M * N * K + 4 * M * N * r + 4 * M * K * r
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def min_bytes(M, N, K, r, e, mode, provider):
+    adapters = 0 if provider == "base" else e * r * (N + K)
+    fwd = e * (M * K + N * K + M * N) + adapters
+    bwd = e * (M * N + M * K + N * K + M * K) + 2 * adapters
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+# ------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------
+def timer(device, warmup_ms, rep_ms):
+    """(median, p20, p80) ms of ``fn``: ``triton.testing.do_bench`` on CUDA, a wall clock on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        def measure(fn, grad_to_none):
+            q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                        quantiles=[0.5, 0.2, 0.8])
+            return tuple(q)
+        return measure
+
+    def measure(fn, grad_to_none):
+        fn()
+        times = []
+        t_end = time.perf_counter() + rep_ms / 1e3
+        while time.perf_counter() < t_end or len(times) < 3:
+            for t in grad_to_none or []:
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+        return q(0.5), q(0.2), q(0.8)
+    return measure
+
+
+def saved_bytes(prov, M, K, N):
+    """Bytes saved for backward beyond the input and the parameters, and how many saved tensors
+    hold ≥ min(M·K, M·N) elements (LoRA-specific activations: masks, dropped-out copies)."""
+    keep = {t.data_ptr() for t in [prov.leaves[0], *prov.params]}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        prov.run_forward()
+    extra = [t for t in saved if t.data_ptr() not in keep]
+    big = [t for t in extra if t.numel() >= min(M * K, M * N)]
+    return sum(t.numel() * t.element_size() for t in extra), len(big)
+
+
+def max_rel_error(prov, inp):
+    """max |out − ref| / max |ref| over y and every gradient, at dropout 0, against float64."""
+    for t in prov.leaves:
+        t.grad = None
+    y = prov.run_forward()
+    y.backward(inp.dy)
+    x64 = inp.x.detach().double().requires_grad_()
+    leaves64 = [x64]
+    if prov.name == "base":
+        y64 = x64 @ inp.W.double().t()
+    else:
+        A64 = prov.leaves[1].detach().double().requires_grad_()
+        B64 = prov.leaves[2].detach().double().requires_grad_()
+        leaves64 += [A64, B64]
+        y64 = x64 @ inp.W.double().t() + inp.scaling * (x64 @ A64.t()) @ B64.t()
+    y64.backward(inp.dy.double())
+    errs = [(y.double() - y64).abs().max() / y64.abs().max()]
+    for t, t64 in zip(prov.leaves, leaves64):
+        errs.append((t.grad.double() - t64.grad).abs().max() / t64.grad.abs().max())
+    for t in prov.leaves:
+        t.grad = None
+    return max(e.item() for e in errs)
+
+
+def peak_memory_mb(prov, inp, device):
+    if device.type != "cuda":
+        return float("nan")
+    for t in prov.leaves:
+        t.grad = None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    prov.run_forward().backward(inp.dy)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    for t in prov.leaves:
+        t.grad = None
+    return peak / 2 ** 20
+
+
+# ------------------------------------------------------------------------------------------
+# Runs
+# ------------------------------------------------------------------------------------------
+def environment(device):
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"CPU ({platform.processor() or platform.machine()})"}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = ""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here)
+        env["commit"] = commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        env["commit"] = ""
+    return env
+
+
+def plan(args):
+    """The list of (set, layer, K, N, M, r, dtype, dropout, mode) to measure."""
+    base = dict(sets=args.sets, tokens=args.tokens, ranks=args.ranks, dropout=args.dropout, dtypes=args.dtypes,
+                modes=args.modes, layers=None)
+    groups = [base] + [{**base, **e} for e in (args.extra or [])]
+    out = []
+    for g in groups:
+        for set_name in g["sets"]:
+            for layer, K, N in S.unique_layers(set_name):
+                if g["layers"] and layer not in g["layers"]:
+                    continue
+                for M in g["tokens"]:
+                    for r in g["ranks"]:
+                        for dt in g["dtypes"]:
+                            for p in g["dropout"]:
+                                for mode in g["modes"]:
+                                    key = (set_name, layer, K, N, M, r, dt, p, mode)
+                                    if key not in out:
+                                        out.append(key)
+    return out
+
+
+def run(args):
+    if args.smoke:  # before fastlora's kernels are imported: Triton reads it when it decorates them
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .providers import make_inputs, make_provider
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env = environment(device)
+    measure = timer(device, args.warmup, args.rep)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "lora_linear.csv")
+    new_file = not os.path.exists(csv_path)
+    rows = []
+    todo = plan(args)
+    from tqdm.auto import tqdm
+    print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']} | "
+          f"{len(todo)} cases x {len(args.providers)} providers")
+    if args.smoke:
+        print("smoke mode: tiny shapes on the CPU, fastlora under the Triton interpreter. "
+              "These timings are not performance figures.")
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new_file:
+            writer.writeheader()
+        for set_name, layer, K, N, M, r, dt, p, mode in tqdm(todo, desc="bench", disable=args.no_progress):
+            dtype = DTYPES[dt]
+            inp = make_inputs(M, N, K, r, dtype, device, p)
+            case = []
+            for name in args.providers:
+                prov = make_provider(name, inp)
+                if mode == "fwd":
+                    fn, grads = prov.run_forward, None
+                elif mode == "bwd":
+                    y = prov.run_forward()
+                    fn, grads = (lambda y=y: y.backward(inp.dy, retain_graph=True)), prov.leaves
+                else:
+                    fn, grads = (lambda prov=prov: prov.run_forward().backward(inp.dy)), prov.leaves
+                med, p20, p80 = measure(fn, grads)
+                extra, big = saved_bytes(prov, M, K, N)
+                if args.errors and mode == "fwd+bwd":
+                    inp0 = make_inputs(M, N, K, r, dtype, device, 0.0)
+                    err = max_rel_error(make_provider(name, inp0), inp0)
+                else:
+                    err = float("nan")
+                row = {**env, "set": set_name, "layer": layer, "M": M, "N": N, "K": K, "r": r, "dtype": dt,
+                       "dropout": p, "mode": mode, "provider": name, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+                       "tflops": flops(M, N, K, r, mode, name) / med / 1e9,
+                       "gbps": min_bytes(M, N, K, r, dtype.itemsize, mode, name) / med / 1e6,
+                       "peak_mem_mb": peak_memory_mb(prov, inp, device) if mode == "fwd+bwd" else float("nan"),
+                       "saved_extra_bytes": extra, "lora_mk_saved": big, "max_rel_err": err, "smoke": args.smoke}
+                case.append(row)
+            by = {r_["provider"]: r_ for r_ in case}
+            for r_ in case:
+                r_["ratio_to_base"] = r_["median_ms"] / by["base"]["median_ms"] if "base" in by else float("nan")
+                r_["speedup_vs_eager"] = by["eager"]["median_ms"] / r_["median_ms"] if "eager" in by else float("nan")
+                writer.writerow({k: r_.get(k, "") for k in COLUMNS})
+            f.flush()
+            rows += case
+    print_table(rows)
+    print_goals(rows)
+    if not args.no_plot:
+        from .plot import plot_csv
+        for path in plot_csv(csv_path, args.out, rows=rows):
+            print(f"plot: {path}")
+    print(f"rows appended to {csv_path}")
+    return rows
+
+
+def print_table(rows):
+    hdr = f"{'layer':10} {'M':>6} {'K':>6} {'N':>6} {'r':>3} {'dt':4} {'p':>4} {'mode':7} {'provider':13} " \
+          f"{'ms':>8} {'p20-p80':>15} {'x base':>7} {'vs eager':>8} {'TFLOP/s':>8} {'GB/s':>7} {'peakMB':>8} " \
+          f"{'saved+':>10} {'err':>8}"
+    print(hdr)
+    for r in rows:
+        print(f"{r['layer'][:10]:10} {r['M']:>6} {r['K']:>6} {r['N']:>6} {r['r']:>3} {r['dtype']:4} {r['dropout']:>4} "
+              f"{r['mode']:7} {r['provider']:13} {r['median_ms']:8.3f} {r['p20_ms']:7.3f}-{r['p80_ms']:<7.3f} "
+              f"{r['ratio_to_base']:7.3f} {r['speedup_vs_eager']:8.3f} {r['tflops']:8.1f} {r['gbps']:7.0f} "
+              f"{r['peak_mem_mb']:8.1f} {r['saved_extra_bytes']:>10} {r['max_rel_err']:8.1e}")
+
+
+def print_goals(rows):
+    """Report (never assert) the goals: fwd+bwd, M=8192, bf16, r=16, p=0.1, Llama-3-8B shapes."""
+    sel = [r for r in rows if r["mode"] == "fwd+bwd" and r["M"] == 8192 and r["dtype"] == "bf16" and r["r"] == 16
+           and r["dropout"] == 0.1 and r["set"] == "llama3-8b"]
+    if not sel:
+        return
+    print("goals (fwd+bwd, M=8192, bf16, r=16, dropout 0.1; reported, not asserted):")
+    for layer, goal in GOALS.items():
+        fl = [r for r in sel if r["layer"] == layer and r["provider"] == "fastlora"]
+        if not fl:
+            continue
+        fl = fl[0]
+        line = f"  {layer:10} ratio to base {fl['ratio_to_base']:.3f} (goal <= {goal}) " \
+               f"{'MET' if fl['ratio_to_base'] <= goal else 'MISSED'}"
+        for other, g in GOAL_SPEEDUP.items():
+            o = [r for r in sel if r["layer"] == layer and r["provider"] == other]
+            if o:
+                sp = o[0]["median_ms"] / fl["median_ms"]
+                line += f" | speedup over {other} {sp:.2f} (goal >= {g}) {'MET' if sp >= g else 'MISSED'}"
+        line += f" | LoRA M×K tensors saved: {fl['lora_mk_saved']}"
+        print(line)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a named set of cases (overridden by the options)")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny shapes, no speed claims")
+    ap.add_argument("--sets", nargs="+", choices=sorted(S.SHAPE_SETS))
+    ap.add_argument("--tokens", nargs="+", type=int, help="M values")
+    ap.add_argument("--ranks", nargs="+", type=int)
+    ap.add_argument("--dropout", nargs="+", type=float)
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
+    ap.add_argument("--modes", nargs="+", choices=MODES)
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS)
+    ap.add_argument("--device", help="cuda or cpu")
+    ap.add_argument("--warmup", type=float, default=25, help="do_bench warm-up, ms")
+    ap.add_argument("--rep", type=float, default=100, help="do_bench repetition time, ms")
+    ap.add_argument("--no-errors", dest="errors", action="store_false", help="skip the fp64 error column")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for the CSV and plots (default bench/results/, or "
+                                                "runs/bench-smoke with --smoke)")
+    args = ap.parse_args(argv)
+    preset = PRESETS["smoke" if args.smoke else (args.preset or "device")]
+    for key in ("sets", "tokens", "ranks", "dropout", "dtypes", "modes"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    args.extra = [] if any(getattr(args, k) != preset[k] for k in ("sets", "tokens", "ranks")) else preset["extra"]
+    if args.providers is None:
+        # torch.compile needs a C++ toolchain and minutes on a CPU; the smoke run leaves it out
+        args.providers = [p for p in PROVIDERS if not (args.smoke and p == "compile")]
+    if "base" not in args.providers:
+        args.providers = ["base"] + args.providers
+    if args.smoke:
+        args.device = args.device or "cpu"
+        args.rep = min(args.rep, 20)
+    if args.out is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        args.out = os.path.join("runs", "bench-smoke") if args.smoke else os.path.join(here, "results")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One-shot check for a lent GPU machine (see the device tool's README): the environment, the
+# compiled GPU tests (bf16 included), the standard benchmark set and the end-to-end step.
+#
+#   bench/device_check.sh OUT_DIR             on the GPU machine (the device tool: $OUT)
+#   bench/device_check.sh --dry-run OUT_DIR   on a CPU: same stages, smoke sizes, no install
+#
+# Runs with the machine's own python3 (torch, triton, peft, transformers, pytest, matplotlib
+# already there) and installs nothing from the network. Every stage has a time limit so that
+# the files under OUT_DIR come back even if one overruns; budget ~11 min of the 15 lent.
+# OUT_DIR receives at most 8 files: device_check.log, env.txt, tests.txt, lora_linear.csv,
+# ratio_to_base.png, speedup_vs_eager.png, e2e.csv.
+set -uo pipefail
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT=${1:?usage: bench/device_check.sh [--dry-run] OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+exec > >(tee "$OUT/device_check.log") 2>&1
+stage() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
+
+stage "environment"
+{
+  date -u
+  git rev-parse HEAD 2>/dev/null || echo "commit: unknown"
+  git status --porcelain --untracked-files=no 2>/dev/null | head -20
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
+    --format=csv 2>/dev/null || echo "nvidia-smi: not available"
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__); \
+print('triton', triton.__version__); print('cuda', torch.version.cuda, torch.cuda.is_available()); \
+print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+  "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|peft|transformers|safetensors|numpy|pytest|matplotlib) "
+} | tee "$OUT/env.txt"
+
+if [ $DRY = 0 ]; then
+  stage "install fastlora (no network, no dependencies)"
+  "$PY" -m pip install -q --no-deps --no-build-isolation . || { echo "install failed"; exit 1; }
+fi
+
+stage "compiled GPU tests"
+# Fixed configs (no autotuning) keep compilation to one config per kernel variant.
+if [ $DRY = 0 ]; then
+  FASTLORA_AUTOTUNE=0 timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    tests/test_lora_linear.py tests/test_dropout.py tests/test_launches_and_memory.py tests/test_layer.py \
+    tests/test_peft.py -k "gpu or triton or cuda or test_gpu" 2>&1 | tee "$OUT/tests.txt" | tail -40
+else
+  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_dropout.py \
+    2>&1 | tee "$OUT/tests.txt" | tail -5
+fi
+
+stage "benchmark: standard set"
+if [ $DRY = 0 ]; then
+  timeout 330 "$PY" -m bench --preset device --warmup 10 --rep 60 --no-progress --out "$OUT"
+else
+  timeout 120 "$PY" -m bench --smoke --no-progress --out "$OUT"
+fi
+echo "bench exit: $?"
+
+stage "benchmark: end-to-end Llama step"
+if [ $DRY = 0 ]; then
+  timeout 120 "$PY" -m bench.bench_e2e --layers 2 --batch 4 --seq 2048 --steps 6 --out "$OUT"
+else
+  timeout 120 "$PY" -m bench.bench_e2e --smoke --out "$OUT"
+fi
+echo "e2e exit: $?"
+
+stage "done"
+ls -la "$OUT"

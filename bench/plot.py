@@ -1,0 +1,80 @@
+"""Plots of the benchmark CSV: ratio to the frozen base and speedup over eager, versus M.
+
+    python -m bench.plot bench/results/lora_linear.csv --out bench/results
+
+One figure per metric; one panel per (shape set, layer) for the fwd+bwd rows of the latest run
+(latest date in the file), a line per provider, dtype and dropout.
+"""
+import argparse
+import collections
+import csv
+import os
+
+
+def _load(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def plot_csv(path, out_dir, rows=None, mode="fwd+bwd"):
+    """Write ratio_to_base.png and speedup_vs_eager.png; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if rows is None:
+        rows = _load(path)
+        latest = max(r["date"] for r in rows)
+        rows = [r for r in rows if r["date"] == latest]
+    rows = [r for r in rows if r["mode"] == mode]
+    if not rows:
+        return []
+    panels = collections.OrderedDict()
+    for r in rows:
+        panels.setdefault((r["set"], r["layer"], int(r["K"]), int(r["N"])), []).append(r)
+    paths = []
+    for metric, label, skip in (("ratio_to_base", "time / frozen base linear", "base"),
+                                ("speedup_vs_eager", "speedup over eager (PEFT-style) LoRA", "eager")):
+        n = len(panels)
+        cols = min(n, 3)
+        nrows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+        for ax, ((set_name, layer, K, N), rs) in zip(axes.flat, panels.items()):
+            lines = collections.defaultdict(list)
+            for r in rs:
+                if r["provider"] != skip:
+                    lines[(r["provider"], r["dtype"], r["r"], r["dropout"])].append((int(r["M"]), float(r[metric])))
+            for (prov, dt, rank, p), pts in sorted(lines.items()):
+                pts.sort()
+                ax.plot([m for m, _ in pts], [v for _, v in pts], marker="o", ms=3,
+                        lw=2.0 if prov.startswith("fastlora") else 1.0, label=f"{prov} {dt} r{rank} p{p}")
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{set_name} {layer} ({K}->{N}), {mode}", fontsize=9)
+            ax.set_xlabel("tokens M")
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
+        fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 1))
+        path = os.path.join(out_dir, f"{metric}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("csv")
+    ap.add_argument("--out", default=None, help="folder for the PNGs (default: the CSV's folder)")
+    ap.add_argument("--mode", default="fwd+bwd")
+    args = ap.parse_args(argv)
+    for p in plot_csv(args.csv, args.out or os.path.dirname(os.path.abspath(args.csv)), mode=args.mode):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

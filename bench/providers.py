@@ -1,0 +1,112 @@
+"""The LoRA linear implementations the benchmark compares, on one set of inputs.
+
+Every provider computes ``y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ`` (``base``: ``x·Wᵀ`` alone) with a
+frozen W and trainable A, B; the input x requires grad, as activations do inside a model.
+
+  base          frozen ``F.linear`` alone: the floor
+  eager         PEFT's order in plain torch ops: dropout -> A -> B -> scale -> add (bf16 adapters)
+  peft          a real ``peft`` LoRA Linear layer with adapters in the model dtype
+  peft-fp32     a real ``peft`` layer with PEFT's default fp32 adapters, under ``torch.autocast``
+  compile       ``torch.compile`` of ``eager``
+  addmm         base GEMM, then the LoRA update added in place with ``addmm_`` (Unsloth's style)
+  fastlora      ``fastlora.lora_linear`` with adapters in the model dtype
+  fastlora-fp32 ``fastlora.lora_linear`` with fp32 adapters (PEFT's default), no autocast needed
+"""
+import contextlib
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+import fastlora
+
+from .bench_lora_linear import PROVIDERS  # noqa: E402,F401  (one list, defined where the CLI needs it)
+
+
+@dataclasses.dataclass
+class Inputs:
+    x: torch.Tensor       # [M, K], requires grad
+    W: torch.Tensor       # [N, K], frozen
+    A: torch.Tensor       # [r, K] in the model dtype
+    B: torch.Tensor       # [N, r]
+    dy: torch.Tensor      # [M, N]
+    scaling: float
+    p: float
+
+
+def make_inputs(M, N, K, r, dtype, device, p, seed=0, scaling=2.0):
+    """Random unit-scale inputs (never zeros: they hide bugs and run faster than real data)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    x = rnd(M, K).requires_grad_()
+    W = rnd(N, K, std=K ** -0.5)
+    A = rnd(r, K, std=K ** -0.5).requires_grad_()
+    B = rnd(N, r, std=r ** -0.5).requires_grad_()
+    return Inputs(x, W, A, B, rnd(M, N), scaling, p)
+
+
+class Provider:
+    """``forward()`` -> y with autograd; ``leaves``: tensors whose grads the step produces;
+    ``params``: tensors a provider may save for backward at no extra memory cost."""
+
+    def __init__(self, name, forward, leaves, params, context=contextlib.nullcontext):
+        self.name, self.forward, self.leaves, self.params, self.context = name, forward, leaves, params, context
+
+    def run_forward(self):
+        with self.context():
+            return self.forward()
+
+
+def _peft_layer(inp, fp32_adapters):
+    import peft
+    from torch import nn
+    N, K = inp.W.shape
+    r = inp.A.shape[0]
+    lin = nn.Linear(K, N, bias=False, device=inp.W.device, dtype=inp.W.dtype)
+    lin.weight = nn.Parameter(inp.W, requires_grad=False)
+    cfg = peft.LoraConfig(r=r, lora_alpha=inp.scaling * r, target_modules=["0"], lora_dropout=inp.p)
+    model = peft.get_peft_model(nn.Sequential(lin), cfg, autocast_adapter_dtype=fp32_adapters)
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(inp.A)
+        layer.lora_B["default"].weight.copy_(inp.B)
+    model.train()
+    return layer
+
+
+def make_provider(name, inp):
+    x, W, A, B, s, p = inp.x, inp.W, inp.A, inp.B, inp.scaling, inp.p
+    lora_leaves = [x, A, B]
+
+    def eager():
+        return F.linear(x, W) + F.linear(F.linear(F.dropout(x, p, training=True), A), B) * s
+
+    if name == "base":
+        return Provider(name, lambda: F.linear(x, W), [x], [W])
+    if name == "eager":
+        return Provider(name, eager, lora_leaves, [W, A, B])
+    if name == "compile":
+        return Provider(name, torch.compile(eager, dynamic=False), lora_leaves, [W, A, B])
+    if name == "addmm":
+        def addmm():
+            y = F.linear(x, W)
+            return y.addmm_(F.linear(F.dropout(x, p, training=True), A), B.t(), alpha=s)
+        return Provider(name, addmm, lora_leaves, [W, A, B])
+    if name in ("peft", "peft-fp32"):
+        fp32 = name == "peft-fp32"
+        layer = _peft_layer(inp, fp32)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        ctx = (lambda: torch.autocast(x.device.type, dtype=x.dtype)) if fp32 and x.dtype != torch.float32 \
+            else contextlib.nullcontext
+        return Provider(name, lambda: layer(x), [x, a, b], [W, a, b], ctx)
+    if name == "fastlora":
+        return Provider(name, lambda: fastlora.lora_linear(x, W, A, B, s, dropout_p=p), lora_leaves, [W, A, B])
+    if name == "fastlora-fp32":
+        a32 = A.detach().float().requires_grad_()
+        b32 = B.detach().float().requires_grad_()
+        return Provider(name, lambda: fastlora.lora_linear(x, W, a32, b32, s, dropout_p=p), [x, a32, b32],
+                        [W, a32, b32])
+    raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")

@@ -1,0 +1,44 @@
+"""The benchmark suite's CPU smoke mode stays alive (no timings are checked: they live in bench/)."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("peft")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", *args, "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_smoke_writes_csv_and_plots(tmp_path):
+    out = _run(["bench", "--smoke", "--no-progress"], tmp_path)
+    assert "not performance figures" in out
+    rows = list(csv.DictReader(open(tmp_path / "lora_linear.csv")))
+    providers = {r["provider"] for r in rows}
+    assert {"base", "eager", "peft", "peft-fp32", "addmm", "fastlora", "fastlora-fp32"} <= providers
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and r["gpu"] and r["torch"] and r["smoke"] == "True"
+        if r["mode"] == "fwd+bwd":  # every provider computes the same function at dropout 0
+            assert float(r["max_rel_err"]) < 1e-5, r
+        if r["provider"].startswith("fastlora"):  # only S and the seed beyond input and params
+            assert int(r["lora_mk_saved"]) == 0
+    assert any(int(r["lora_mk_saved"]) > 0 for r in rows if r["provider"] == "eager" and float(r["dropout"]) > 0)
+    for png in ("ratio_to_base.png", "speedup_vs_eager.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_bench_e2e_smoke(tmp_path):
+    out = _run(["bench.bench_e2e", "--smoke"], tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "e2e.csv")))
+    assert [r["variant"] for r in rows] == ["no-lora", "peft", "peft+fastlora"]
+    assert "peft+fastlora vs peft" in out
