@@ -37,11 +37,11 @@ KERNELS = {
                ("stride_xk", "stride_ak", "stride_sr"),
                dict(HAS_DROPOUT=True, EVEN_K=False, BLOCK_R=configs.MAX_BLOCK_R)),
     "fwd": (_FWD._lora_linear_fwd_kernel,
-            dict(x_ptr="T", w_ptr="T", s_ptr="A", b_ptr="fp32", bias_ptr="T", y_ptr="T"),
+            dict(x_ptr="T", w_ptr="T", s_ptr="A", b_ptr="fp32", bias_ptr="T", y_ptr="T", scale_ptr="fp32"),
             ("stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_yn"),
             dict(HAS_BIAS=True, EVEN_K=False)),
     "bwd_dy": (_BWD._lora_bwd_dy_kernel,
-               dict(dy_ptr="T", b_ptr="fp32", s_ptr="A", ds_ptr="A", db_ptr="A"),
+               dict(dy_ptr="T", b_ptr="fp32", s_ptr="A", ds_ptr="A", db_ptr="A", scale_ptr="fp32"),
                ("stride_dyn", "stride_br", "stride_sr", "stride_dsr", "stride_dbr"),
                dict(COMPUTE_DS=True, COMPUTE_DB=True, DB_ATOMIC=True, EVEN_N=False,
                     BLOCK_R=configs.MAX_BLOCK_R)),
@@ -54,7 +54,7 @@ KERNELS = {
                ("stride_dsr", "stride_xk", "stride_dak"),
                dict(HAS_DROPOUT=True, DA_ATOMIC=True, BLOCK_R=configs.MAX_BLOCK_R)),
 }
-_FLOAT_ARGS = ("scaling", "keep_scale")
+_FLOAT_ARGS = ("keep_scale",)
 _UNALIGNED_INTS = ("M", "M_KEY", "keep_thresh")  # do_not_specialize / arbitrary values
 
 

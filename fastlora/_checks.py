@@ -22,16 +22,28 @@ def _tensor(name, t, ndim=None):
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
     if t.is_sparse or t.layout != torch.strided:
         raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
+    if type(t).__name__ == "DTensor":
+        raise TypeError(f"{name}: got a sharded DTensor {tuple(t.shape)}; fastlora needs the full tensor "
+                        "(call the FSDP-wrapped module, whose forward unshards its parameters)")
 
 
-def check_scaling(scaling):
-    """``scaling``: a finite real Python number (not bool). Returns it as a float."""
+def check_scaling(scaling, device=None):
+    """``scaling``: a finite real Python number (not bool), or a one-element floating tensor on
+    ``device``. Returns ``(float_value, None)`` or ``(0.0, tensor)``. A tensor's value is not
+    checked (that would synchronise with the GPU)."""
+    if isinstance(scaling, torch.Tensor):
+        if not scaling.is_floating_point() or scaling.numel() != 1:
+            raise TypeError(f"scaling: expected a float or a one-element floating tensor, got a {scaling.dtype} "
+                            f"tensor of shape {tuple(scaling.shape)}")
+        if device is not None and scaling.device != device:
+            raise ValueError(f"scaling: expected a tensor on input's device {device}, got {scaling.device}")
+        return 0.0, scaling
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling: expected a finite float, got {type(scaling).__name__} {scaling!r}")
-    scaling = float(scaling)
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling: expected a finite float, got {scaling}")
-    return scaling
+    value = float(scaling)
+    if not math.isfinite(value):
+        raise ValueError(f"scaling: expected a finite float, got {value}")
+    return value, None
 
 
 def check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=True):

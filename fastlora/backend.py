@@ -40,6 +40,11 @@ def kernel_backend(device):
     return "torch"
 
 
+def forced_backend():
+    """The backend forced by :func:`force_backend`, or "" (plain global read: traceable)."""
+    return _override or ""
+
+
 @contextlib.contextmanager
 def force_backend(name):
     """Testing aid: run every call inside the block on backend ``name`` (a value of BACKENDS).

@@ -23,8 +23,10 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
         lora_B: ``[N, r]`` (PEFT's ``lora_B.weight``), any float dtype. fp32 adapters on an fp16 /
             bf16 model (PEFT's default) are fine: the LoRA matmuls run in input's dtype with fp32
             accumulation, and each gradient comes back in its tensor's own dtype.
-        scaling: finite float ``s`` (PEFT: ``lora_alpha / r``; rsLoRA: ``lora_alpha / sqrt(r)``).
-            Applied as a float32 value by the kernels.
+        scaling: finite float ``s`` (PEFT: ``lora_alpha / r``; rsLoRA: ``lora_alpha / sqrt(r)``),
+            or a one-element float tensor on input's device holding it (what
+            :class:`fastlora.LoRALinear` passes: the kernels read it from memory, so a new value
+            needs no recompilation under ``torch.compile``). Applied in fp32 (fp64 for fp64).
         bias: ``[N]`` in input's dtype, or None.
         dropout_p: LoRA dropout probability in [0, 1); active only if ``training``.
         training: apply dropout (like ``nn.Module.training``).
@@ -48,7 +50,7 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
     autocast = torch.is_autocast_enabled(device_type)
     check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=not autocast)
-    scaling = check_scaling(scaling)
+    check_scaling(scaling, input.device)
     p = check_dropout_p(dropout_p)
     if not training:
         p = 0.0

@@ -86,10 +86,14 @@ class LoRALinear(nn.Module):
         self.reset_parameters()
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora):
-        self.r, self.lora_alpha, self.lora_dropout = _check_hparams(r, lora_alpha, lora_dropout)
-        self.use_rslora = bool(use_rslora)
+        self.r, self._lora_alpha, self.lora_dropout = _check_hparams(r, lora_alpha, lora_dropout)
+        self._use_rslora = bool(use_rslora)
         self._merged = False
         w = self.weight
+        # The scaling as a device scalar the kernels read (not in the state dict): a new alpha
+        # updates it in place, so compiled graphs and CUDA graphs need no recompilation.
+        self.register_buffer("_scale", torch.tensor(self.scaling, device=w.device, dtype=acc_dtype_of(w.dtype)),
+                             persistent=False)
         in_features, out_features = self.in_features, self.out_features
         factory = {"device": w.device, "dtype": adapter_dtype_for(w.dtype)}
         self.lora_A = nn.Linear(in_features, self.r, bias=False, **factory)
@@ -127,7 +131,37 @@ class LoRALinear(nn.Module):
     @property
     def scaling(self):
         """``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), a Python float."""
-        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+        return lora_scaling(self.r, self._lora_alpha, self._use_rslora)
+
+    @property
+    def lora_alpha(self):
+        return self._lora_alpha
+
+    @lora_alpha.setter
+    def lora_alpha(self, value):
+        _check_hparams(self.r, value, self.lora_dropout)
+        self._lora_alpha = value
+        self._refresh_scale()
+
+    @property
+    def use_rslora(self):
+        return self._use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value):
+        self._use_rslora = bool(value)
+        self._refresh_scale()
+
+    @torch.no_grad()
+    def _refresh_scale(self):
+        self._scale.fill_(self.scaling)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() would round the scaling buffer; rebuild it from the Python value
+        # in the accumulation dtype of the (possibly new) weight dtype, on the new device.
+        super()._apply(fn, recurse)
+        self._scale = torch.tensor(self.scaling, device=self._scale.device, dtype=acc_dtype_of(self.weight.dtype))
+        return self
 
     @property
     def merged(self):
@@ -156,7 +190,7 @@ class LoRALinear(nn.Module):
         """``input [..., in_features]`` -> ``[..., out_features]`` (see :func:`fastlora.lora_linear`)."""
         if self._merged:
             return F.linear(input, self.base_weight(), self.bias)
-        return lora_linear(input, self.base_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling,
+        return lora_linear(input, self.base_weight(), self.lora_A.weight, self.lora_B.weight, self._scale,
                            self.bias, dropout_p=self.lora_dropout, training=self.training)
 
     # -- merging ----------------------------------------------------------------------------------

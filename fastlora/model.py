@@ -123,6 +123,15 @@ def _escape(name):
     return re.escape(name)
 
 
+def _full(t):
+    """A full, detached CPU copy of a parameter; a sharded ``DTensor`` (FSDP2) is gathered first,
+    which is a collective: every rank must call :func:`save_adapter`."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.cpu().contiguous()
+
+
 def save_adapter(model, directory, *, base_model_name_or_path=None, modules_to_save=None):
     """Write the LoRA adapters of ``model`` in PEFT's format.
 
@@ -138,6 +147,9 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, modules_to_s
         base_model_name_or_path: recorded in the config (PEFT uses it to find the base model).
         modules_to_save: names of extra modules saved whole (PEFT's ``modules_to_save``, e.g. a
             trained classification head), stored under ``base_model.model.<module>.<param>``.
+
+    Sharded models (FSDP2 ``fully_shard``): call it on every rank; the shards are gathered into
+    full tensors and only rank 0 writes the files.
 
     Raises:
         ValueError: no LoRA layer, layers that disagree on rsLoRA, an unknown module to save.
@@ -155,14 +167,14 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, modules_to_s
     dropout = collections.Counter(m.lora_dropout for m in layers.values()).most_common(1)[0][0]
     tensors = {}
     for name, m in layers.items():
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A.weight)
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = _full(m.lora_B.weight)
     modules = dict(model.named_modules())
     for name in modules_to_save or []:
         if name not in modules:
             raise ValueError(f"modules_to_save: no module {name!r} in {type(model).__name__}")
         for k, v in modules[name].state_dict().items():
-            tensors[f"{_PREFIX}{name}.{k}"] = v.detach().cpu().contiguous()
+            tensors[f"{_PREFIX}{name}.{k}"] = _full(v)
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -181,6 +193,8 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, modules_to_s
         "init_lora_weights": True,
         "use_dora": False,
     }
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:

@@ -61,9 +61,9 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, mask=None):
 
 
 def lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, mask=None,
-                  need_dx=True, need_dA=True, need_dB=True):
-    """Backward of the fused op for dy ``[M, N]``; returns ``(dx, dA, dB)`` in the dtypes of
-    x, lora_A, lora_B (None where not requested)."""
+                  need_dx=True, need_dA=True, need_dB=True, out_dtype=None):
+    """Backward of the fused op for dy ``[M, N]``; returns ``(dx, dA, dB)``: dx in x's dtype, dA
+    and dB in the dtypes of lora_A / lora_B, or ``out_dtype`` if given (None where not requested)."""
     dtype = x.dtype
     acc = acc_dtype_of(dtype)
     dyc = dy.to(dtype).to(acc)
@@ -72,14 +72,14 @@ def lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, mask=None,
         dS = scaling * (dyc @ _in(lora_B, dtype, acc))
         dSc = _in(dS, dtype, acc)
     if need_dB:
-        dB = (scaling * (dyc.t() @ _in(S, dtype, acc))).to(lora_B.dtype)
+        dB = (scaling * (dyc.t() @ _in(S, dtype, acc))).to(out_dtype or lora_B.dtype)
     if need_dx:
         lora = dSc @ _in(lora_A, dtype, acc)
         if mask is not None:
             lora = lora * mask
         dx = (lora + dyc @ _in(weight, dtype, acc)).to(dtype)
     if need_dA:
-        dA = (dSc.t() @ dropped(x, mask).to(acc)).to(lora_A.dtype)
+        dA = (dSc.t() @ dropped(x, mask).to(acc)).to(out_dtype or lora_A.dtype)
     return dx, dA, dB
 
 

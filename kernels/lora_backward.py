@@ -36,14 +36,13 @@ from .launch import cdiv, dot_precision, fixed_meta, launch
 @triton.jit(do_not_specialize=["M", "M_KEY"])
 def _lora_bwd_dy_kernel(
     # pointers
-    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, scale_ptr,
     # sizes
     M, N, R,
     # strides
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
     stride_dsm, stride_dsr, stride_dbp, stride_dbn, stride_dbr,
     # scalars
-    scaling,
     M_KEY,  # bucketed M: autotune key only
     # meta-parameters
     COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, DB_ATOMIC: tl.constexpr, EVEN_N: tl.constexpr,
@@ -52,6 +51,7 @@ def _lora_bwd_dy_kernel(
 ):
     dtype = dy_ptr.dtype.element_ty
     acc_dtype = s_ptr.dtype.element_ty
+    scaling = tl.load(scale_ptr).to(acc_dtype)
     # -- program ids; int64 block bases, int32 in-block offsets --------------------------------
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -157,7 +157,7 @@ def _lora_bwd_dx_kernel(
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         keep = dropout_keep(seed, m_start + tl.arange(0, BLOCK_M), k_start, keep_thresh, BLOCK_M, BLOCK_K)
-        acc = tl.where(keep, acc * keep_scale, 0.0)
+        acc = acc * tl.where(keep, keep_scale, 0.0)  # a multiply, as torch's dropout: NaN·0 = NaN
 
     # -- base GEMM over N: acc += dy·W ----------------------------------------------------------
     dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn
@@ -233,7 +233,7 @@ def _lora_bwd_da_kernel(
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, m0 + rm, k_start, keep_thresh, BLOCK_M, BLOCK_K)
-            x = tl.where(keep, x * keep_scale, 0.0).to(dtype)
+            x = (x * tl.where(keep, keep_scale, 0.0)).to(dtype)  # multiply (NaN·0 = NaN, as torch)
         acc = tl.dot(tl.trans(ds.to(dtype)), x, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         ds_ptrs += ds_step
         x_ptrs += x_step
@@ -260,18 +260,19 @@ def _slab_count(M, K, R, meta, block_r, device):
     return max(1, min(cdiv(programs_wanted, tiles), cdiv(M, meta["BLOCK_M"])))
 
 
-def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scaling, seed=None, keep_thresh=0, keep_scale=1.0,
-                  need_dx=True, need_dA=True, need_dB=True):
+def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thresh=0, keep_scale=1.0,
+                    need_dx=True, need_dA=True, need_dB=True):
     """Launch B1-B3 for what is needed. Inputs must already be validated.
 
     Args:
         dy: ``[M, N]`` (M ≥ 1, any strides, stride 0 allowed), x's dtype.
-        x, weight, lora_A, lora_B, scaling, seed, keep_thresh, keep_scale: as in the forward.
+        x, weight, lora_A, lora_B, scale, seed, keep_thresh, keep_scale: as in the forward.
         S: ``[M, r]`` saved by the forward (fp32; fp64 for fp64 x).
 
     Returns:
-        ``(dx, dA, dB)``: dx ``[M, K]`` in x.dtype, dA ``[r, K]`` in lora_A.dtype, dB ``[N, r]``
-        in lora_B.dtype; None where not requested.
+        ``(dx, dAB)``: dx ``[M, K]`` in x.dtype (None if not needed); dAB, one flat tensor in S's
+        dtype holding ``dB [N, r]`` (if need_dB) followed by ``dA [r, K]`` (if need_dA), or None.
+        One buffer, so that one memset (or one reduction) serves both.
 
     Reductions over M (dB in B1, dA in B3) use fp32 atomics, unless
     ``torch.are_deterministic_algorithms_enabled()``: then dB partials are summed in a fixed
@@ -288,43 +289,40 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scaling, seed=None, keep_t
     need_ds = need_dx or need_dA
     has_dropout = seed is not None
 
-    # -- workspaces: one memset (atomic mode) or dB partials + direct dA store (deterministic) --
+    # -- workspace: [dB | dA], zeroed for atomics, or filled by stores and one fixed-order sum --
     dS = torch.empty((M, R), device=device, dtype=acc_dtype) if need_ds else S
-    dB_parts = dA_acc = None
-    if deterministic:
-        if need_dB:
-            bm = fixed_meta("bwd_dy", _lora_bwd_dy_kernel, device, itemsize)["BLOCK_M"]
-            dB_parts = torch.empty((cdiv(M, bm), N, R), device=device, dtype=acc_dtype)
-        if need_dA:
-            dA_acc = torch.empty((R, K), device=device, dtype=acc_dtype)
-    elif need_dB or need_dA:
-        ws = torch.zeros(N * R * need_dB + R * K * need_dA, device=device, dtype=acc_dtype)
-        if need_dB:
-            dB_parts = ws[: N * R].view(1, N, R)
-        if need_dA:
-            dA_acc = ws[N * R * need_dB:].view(R, K)
+    n_db, n_da = N * R * need_dB, R * K * need_dA
+    dAB = None
+    if need_dB or need_dA:
+        dAB = (torch.empty if deterministic else torch.zeros)(n_db + n_da, device=device, dtype=acc_dtype)
+    dA_acc = dAB[n_db:].view(R, K) if need_dA else None
+    if need_dB and deterministic:
+        bm = fixed_meta("bwd_dy", _lora_bwd_dy_kernel, device, itemsize)["BLOCK_M"]
+        db = torch.empty((cdiv(M, bm), N, R), device=device, dtype=acc_dtype)
+    elif need_dB:
+        db = dAB[:n_db].view(1, N, R)
+    else:
+        db = S.view(1, M, R)  # unused
 
     # -- B1: dS and dB from one read of dy --------------------------------------------------
     if need_ds or need_dB:
-        db = dB_parts if dB_parts is not None else S.view(1, M, R)  # dummy when not needed
         launch(
             "bwd_dy", _lora_bwd_dy_kernel,
             lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r)), device, itemsize,
             fixed=deterministic,
-            dy_ptr=dy, b_ptr=lora_B, s_ptr=S, ds_ptr=dS, db_ptr=db,
+            dy_ptr=dy, b_ptr=lora_B, s_ptr=S, ds_ptr=dS, db_ptr=db, scale_ptr=scale,
             M=M, N=N, R=R,
             stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
             stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
             stride_sm=S.stride(0), stride_sr=S.stride(1),
             stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
             stride_dbp=db.stride(0), stride_dbn=db.stride(1), stride_dbr=db.stride(2),
-            scaling=scaling, M_KEY=mk,
+            M_KEY=mk,
             COMPUTE_DS=need_ds, COMPUTE_DB=need_dB, DB_ATOMIC=not deterministic,
             DOT_PRECISION=precision, BLOCK_R=block_r,
         )
-    dB = None
-    if need_dB:
-        dB = dB_parts.sum(0) if deterministic else dB_parts[0]
+    if need_dB and deterministic:
+        torch.sum(db, 0, out=dAB[:n_db].view(N, R))
 
     # -- B2: dx = dy·W + m ⊙ (dS·A) ------------------------------------------------------------
     dx = None
@@ -346,7 +344,6 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scaling, seed=None, keep_t
         )
 
     # -- B3: dA = dSᵀ·(m ⊙ x) ------------------------------------------------------------------
-    dA = None
     if need_dA:
         if deterministic:
             grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), cdiv(R, block_r), 1)  # noqa: E731
@@ -364,7 +361,4 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scaling, seed=None, keep_t
             HAS_DROPOUT=has_dropout, DA_ATOMIC=not deterministic, DOT_PRECISION=precision,
             BLOCK_R=block_r,
         )
-        dA = dA_acc.to(lora_A.dtype)
-    if dB is not None:
-        dB = dB.to(lora_B.dtype)
-    return dx, dA, dB
+    return dx, dAB

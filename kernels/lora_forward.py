@@ -83,7 +83,7 @@ def _lora_shrink_kernel(
             a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, m_start + rm, k0, keep_thresh, BLOCK_M, BLOCK_K)
-            x = tl.where(keep, x * keep_scale, 0.0).to(dtype)
+            x = (x * tl.where(keep, keep_scale, 0.0)).to(dtype)  # multiply (NaN·0 = NaN, as torch)
         acc = tl.dot(x, a.to(dtype), acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         x_ptrs += x_step
         a_ptrs += a_step
@@ -96,14 +96,13 @@ def _lora_shrink_kernel(
 @triton.jit(do_not_specialize=["M", "M_KEY"])
 def _lora_linear_fwd_kernel(
     # pointers
-    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, scale_ptr,
     # sizes
     M, N, K, R,
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
     stride_bn, stride_br, stride_ym, stride_yn,
     # scalars
-    scaling,
     M_KEY,  # bucketed M: autotune key only
     # meta-parameters
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -134,6 +133,7 @@ def _lora_linear_fwd_kernel(
     b_ptr += tl.cast(n_start, tl.int64) * stride_bn
 
     # -- LoRA expand seeds the accumulator: acc = (s·S)·Bᵀ, r in BLOCK_K-wide steps ------------
+    scaling = tl.load(scale_ptr).to(acc_dtype)  # a device scalar: changing it recompiles nothing
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
     s_ptrs = s_ptr + rm[:, None] * stride_sm + rk[None, :] * stride_sr
     b_ptrs = b_ptr + rn[None, :] * stride_bn + rk[:, None] * stride_br
@@ -183,14 +183,14 @@ def acc_dtype_of(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias=None, seed=None, keep_thresh=0, keep_scale=1.0):
+def lora_linear_fwd(x, weight, lora_A, lora_B, scale, bias=None, seed=None, keep_thresh=0, keep_scale=1.0):
     """Launch F1 and F2. Inputs must already be validated (fastlora.functional does it).
 
     Args:
         x: ``[M, K]`` (M ≥ 1, any strides), compute dtype.
         weight: ``[N, K]``, x's dtype. bias: ``[N]`` or None, x's dtype.
         lora_A: ``[r, K]``, lora_B: ``[N, r]``, any float dtype (cast in-register).
-        scaling: Python float (applied as fp32).
+        scale: the LoRA scaling as a one-element fp32 tensor on x's device (read by the kernel).
         seed: int64 tensor ``[1]`` on x's device to enable dropout, or None.
         keep_thresh, keep_scale: dropout parameters (see kernels/dropout.py).
 
@@ -220,13 +220,14 @@ def lora_linear_fwd(x, weight, lora_A, lora_B, scaling, bias=None, seed=None, ke
         "fwd", _lora_linear_fwd_kernel,
         lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),), device, itemsize,
         x_ptr=x, w_ptr=weight, s_ptr=S, b_ptr=lora_B, bias_ptr=bias if bias is not None else y, y_ptr=y,
+        scale_ptr=scale,
         M=M, N=N, K=K, R=R,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_sm=S.stride(0), stride_sr=S.stride(1),
         stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
         stride_ym=y.stride(0), stride_yn=y.stride(1),
-        scaling=scaling, M_KEY=mk,
+        M_KEY=mk,
         HAS_BIAS=bias is not None, DOT_PRECISION=precision,
     )
     return y, S

@@ -102,3 +102,29 @@ def test_input_larger_than_2_pow_31_elements():
     xs = x[rows].double()
     ref = xs @ W.double().t() + 2.0 * (xs @ A.double().t()) @ B.double().t()
     assert_close("y rows", y[rows], ref, torch.bfloat16, K + r, "triton")
+
+
+def test_compile_reduce_overhead_cuda_graphs():
+    """torch.compile(mode="reduce-overhead") captures fastlora's kernels in CUDA graphs: same
+    outputs as eager without dropout, and dropout masks that change from replay to replay."""
+    import torch._inductor.config as inductor_config
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(1024, 2048, r=16, lora_alpha=32, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up runs, then capture
+        compiled(x).float().square().mean().backward()
+    y = compiled(x)
+    assert_close("y", y, layer(x).double(), torch.bfloat16, 1040, "triton")
+    layer.lora_dropout = 0.1
+    prev = inductor_config.fallback_random
+    inductor_config.fallback_random = True
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+        outs = [compiled(x).detach().clone() for _ in range(5)]
+    finally:
+        inductor_config.fallback_random = prev
+    assert not torch.equal(outs[-1], outs[-2]), "the dropout mask is frozen inside the CUDA graph"

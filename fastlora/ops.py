@@ -1,0 +1,95 @@
+"""fastlora's two operators, registered with ``torch.library`` so ``torch.compile`` treats them
+as opaque nodes (no graph break, fake implementations for tracing, usable under CUDA graphs).
+
+``fastlora::lora_linear_fwd(x, weight, lora_A, lora_B, scaling, scale, bias, seed, keep_thresh,
+keep_scale) -> (y, S)`` and ``fastlora::lora_linear_bwd(...) -> (dx, dAB)`` work on 2-D
+``x [M, K]`` (M ≥ 1) and dispatch at run time to the Triton kernels (compiled or interpreted)
+or to the pure-torch path; ``fastlora.LoRALinearFunction`` wires them into autograd.
+
+The LoRA scaling reaches the kernels as a device scalar: either the ``scale`` tensor the caller
+passes (e.g. :class:`fastlora.LoRALinear`'s buffer, so that changing it needs no recompilation)
+or, for a Python float, a cached one-element tensor per (device, dtype, value).
+"""
+import functools
+from typing import Optional
+
+import torch
+
+from . import reference
+from .backend import kernel_backend, kernels
+from .dropout import keep_bits
+
+Tensor = torch.Tensor
+
+
+@functools.lru_cache(maxsize=256)
+def _scale_tensor(device, dtype, value):
+    return torch.full((1,), value, device=device, dtype=dtype)
+
+
+def scale_tensor(scaling, scale, device, acc_dtype):
+    """The scaling as a one-element tensor of the accumulator dtype on ``device``."""
+    if scale is not None:
+        return scale.reshape(1).to(device=device, dtype=acc_dtype)
+    return _scale_tensor(device, acc_dtype, scaling)
+
+
+def _scaling_value(scaling, scale):
+    """The scaling for the torch path: the tensor itself (0-dim) or the float."""
+    return scaling if scale is None else scale.reshape(())
+
+
+def _torch_mask(seed, M, K, keep_thresh, keep_scale, device):
+    if seed is None:
+        return None
+    return keep_bits(M, K, int(seed.item()), keep_thresh, device).to(torch.float32) * keep_scale
+
+
+@torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                    scale: Optional[Tensor], bias: Optional[Tensor], seed: Optional[Tensor], keep_thresh: int,
+                    keep_scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    """``(y [M, N] in x.dtype, S [M, r] fp32/fp64)``; ``seed`` None disables dropout; ``backend``
+    "" picks :func:`fastlora.kernel_backend`, else names the backend to use."""
+    acc = reference.acc_dtype_of(x.dtype)
+    if (backend or kernel_backend(x.device)) == "torch":
+        with torch.autocast(x.device.type, enabled=False):
+            mask = _torch_mask(seed, x.shape[0], x.shape[1], keep_thresh, keep_scale, x.device)
+            return reference.lora_forward(x, weight, lora_A, lora_B, _scaling_value(scaling, scale), bias, mask)
+    s = scale_tensor(scaling, scale, x.device, acc)
+    return kernels().lora_linear_fwd(x, weight, lora_A, lora_B, s, bias, seed, keep_thresh, keep_scale)
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, lora_A, lora_B, scaling, scale, bias, seed, keep_thresh, keep_scale, backend):
+    M = x.shape[0]
+    return (x.new_empty((M, weight.shape[0])),
+            x.new_empty((M, lora_A.shape[0]), dtype=reference.acc_dtype_of(x.dtype)))
+
+
+@torch.library.custom_op("fastlora::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor,
+                    scaling: float, scale: Optional[Tensor], seed: Optional[Tensor], keep_thresh: int,
+                    keep_scale: float, need_dx: bool, need_dA: bool, need_dB: bool,
+                    backend: str) -> tuple[Tensor, Tensor]:
+    """``(dx, dAB)``: dx in x's dtype (empty if not needed) and one flat tensor in S's dtype
+    holding ``dB [N, r]`` then ``dA [r, K]`` (each only if needed; split by the caller)."""
+    if (backend or kernel_backend(x.device)) == "torch":
+        with torch.autocast(x.device.type, enabled=False):
+            mask = _torch_mask(seed, x.shape[0], x.shape[1], keep_thresh, keep_scale, x.device)
+            dx, dA, dB = reference.lora_backward(dy, x, weight, lora_A, lora_B, S, _scaling_value(scaling, scale),
+                                                 mask, need_dx, need_dA, need_dB, out_dtype=S.dtype)
+        parts = [t.reshape(-1) for t in (dB, dA) if t is not None]
+        dAB = torch.cat(parts) if parts else None
+    else:
+        s = scale_tensor(scaling, scale, x.device, S.dtype)
+        dx, dAB = kernels().lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, s, seed, keep_thresh, keep_scale,
+                                            need_dx, need_dA, need_dB)
+    return (dx if dx is not None else x.new_empty(0), dAB if dAB is not None else S.new_empty(0))
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, S, scaling, scale, seed, keep_thresh, keep_scale, need_dx, need_dA, need_dB,
+      backend):
+    n = lora_B.numel() * need_dB + lora_A.numel() * need_dA
+    return x.new_empty(x.shape if need_dx else (0,)), S.new_empty((n,))
