@@ -45,7 +45,8 @@ stage "compiled GPU tests"
 if [ $DRY = 0 ]; then
   FASTLORA_AUTOTUNE=0 timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     tests/test_lora_linear.py tests/test_dropout.py tests/test_launches_and_memory.py tests/test_layer.py \
-    tests/test_peft.py -k "gpu or triton or cuda or test_gpu" 2>&1 | tee "$OUT/tests.txt" | tail -40
+    tests/test_peft.py tests/test_training_setups.py tests/test_errors.py -k "gpu or triton or cuda or test_gpu" \
+    2>&1 | tee "$OUT/tests.txt" | tail -40
 else
   timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_dropout.py \
     2>&1 | tee "$OUT/tests.txt" | tail -5
