@@ -164,6 +164,31 @@ def peak_memory_mb(prov, inp, device):
 # ------------------------------------------------------------------------------------------
 # Runs
 # ------------------------------------------------------------------------------------------
+def measure_case(name, inp, mode, measure, args, device, env, case):
+    """One CSV row: time, throughput, memory, saved bytes and error of provider ``name``."""
+    from .providers import make_inputs, make_provider
+    M, N, K, r, dtype = case["M"], case["N"], case["K"], case["r"], DTYPES[case["dtype"]]
+    prov = make_provider(name, inp)
+    if mode == "fwd":
+        fn, grads = prov.run_forward, None
+    elif mode == "bwd":
+        y = prov.run_forward()
+        fn, grads = (lambda: y.backward(inp.dy, retain_graph=True)), prov.leaves
+    else:
+        fn, grads = (lambda: prov.run_forward().backward(inp.dy)), prov.leaves
+    med, p20, p80 = measure(fn, grads)
+    extra, big = saved_bytes(prov, M, K, N)
+    err = float("nan")
+    if args.errors and mode == "fwd+bwd":
+        inp0 = make_inputs(M, N, K, r, dtype, device, 0.0)
+        err = max_rel_error(make_provider(name, inp0), inp0)
+    return {**env, **case, "provider": name, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+            "tflops": flops(M, N, K, r, mode, name) / med / 1e9,
+            "gbps": min_bytes(M, N, K, r, dtype.itemsize, mode, name) / med / 1e6,
+            "peak_mem_mb": peak_memory_mb(prov, inp, device) if mode == "fwd+bwd" else float("nan"),
+            "saved_extra_bytes": extra, "lora_mk_saved": big, "max_rel_err": err, "smoke": args.smoke}
+
+
 def environment(device):
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -209,14 +234,14 @@ def plan(args):
 def run(args):
     if args.smoke:  # before fastlora's kernels are imported: Triton reads it when it decorates them
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .providers import make_inputs, make_provider
+    from .providers import make_inputs
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = environment(device)
     measure = timer(device, args.warmup, args.rep)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "lora_linear.csv")
     new_file = not os.path.exists(csv_path)
-    rows = []
+    rows, failures = [], []
     todo = plan(args)
     from tqdm.auto import tqdm
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']} | "
@@ -233,28 +258,16 @@ def run(args):
             inp = make_inputs(M, N, K, r, dtype, device, p)
             case = []
             for name in args.providers:
-                prov = make_provider(name, inp)
-                if mode == "fwd":
-                    fn, grads = prov.run_forward, None
-                elif mode == "bwd":
-                    y = prov.run_forward()
-                    fn, grads = (lambda y=y: y.backward(inp.dy, retain_graph=True)), prov.leaves
-                else:
-                    fn, grads = (lambda prov=prov: prov.run_forward().backward(inp.dy)), prov.leaves
-                med, p20, p80 = measure(fn, grads)
-                extra, big = saved_bytes(prov, M, K, N)
-                if args.errors and mode == "fwd+bwd":
-                    inp0 = make_inputs(M, N, K, r, dtype, device, 0.0)
-                    err = max_rel_error(make_provider(name, inp0), inp0)
-                else:
-                    err = float("nan")
-                row = {**env, "set": set_name, "layer": layer, "M": M, "N": N, "K": K, "r": r, "dtype": dt,
-                       "dropout": p, "mode": mode, "provider": name, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                       "tflops": flops(M, N, K, r, mode, name) / med / 1e9,
-                       "gbps": min_bytes(M, N, K, r, dtype.itemsize, mode, name) / med / 1e6,
-                       "peak_mem_mb": peak_memory_mb(prov, inp, device) if mode == "fwd+bwd" else float("nan"),
-                       "saved_extra_bytes": extra, "lora_mk_saved": big, "max_rel_err": err, "smoke": args.smoke}
-                case.append(row)
+                try:
+                    case.append(measure_case(name, inp, mode, measure, args, device, env,
+                                             dict(set=set_name, layer=layer, M=M, N=N, K=K, r=r, dtype=dt,
+                                                  dropout=p, mode=mode)))
+                except Exception as e:  # one failing provider must not cost the rest of a GPU lease
+                    print(f"\n{name} failed on {set_name} {layer} M={M} r={r} {dt} p={p} {mode}: "
+                          f"{type(e).__name__}: {str(e)[:300]}", flush=True)
+                    failures.append((name, set_name, layer, M, mode, repr(e)[:300]))
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
             by = {r_["provider"]: r_ for r_ in case}
             for r_ in case:
                 r_["ratio_to_base"] = r_["median_ms"] / by["base"]["median_ms"] if "base" in by else float("nan")
@@ -264,6 +277,8 @@ def run(args):
             rows += case
     print_table(rows)
     print_goals(rows)
+    if failures:
+        print(f"{len(failures)} provider run(s) failed: " + "; ".join(f"{f[0]} {f[2]} M={f[3]} {f[4]}" for f in failures))
     if not args.no_plot:
         from .plot import plot_csv
         for path in plot_csv(csv_path, args.out, rows=rows):

@@ -29,30 +29,39 @@ _BWD = importlib.import_module("fastlora.kernels.lora_backward")
 _TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
 _ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
-# kernel name -> (raw kernel, pointer dtypes (T = compute dtype, A = accumulator),
-#                 strides that are 1 in the usual row-major layouts, heaviest variant)
+# kernel name -> (raw kernel, pointer dtypes (T = compute dtype, A = accumulator, F = the
+# adapters' dtype), strides that are 1 in the usual row-major layouts, variants). Each variant
+# is a set of constexprs plus the adapters' dtype: "heavy" turns every optional stage on (tail
+# masks, dropout, bias, atomics, the largest rank block, PEFT's fp32 adapters); "even" is the
+# other side (no tail masks, deterministic stores, adapters in the compute dtype).
+R_MAX = configs.MAX_BLOCK_R
 KERNELS = {
     "shrink": (_FWD._lora_shrink_kernel,
-               dict(x_ptr="T", a_ptr="fp32", s_ptr="A", seed_ptr="i64"),
+               dict(x_ptr="T", a_ptr="F", s_ptr="A", seed_ptr="i64"),
                ("stride_xk", "stride_ak", "stride_sr"),
-               dict(HAS_DROPOUT=True, EVEN_K=False, BLOCK_R=configs.MAX_BLOCK_R)),
+               {"heavy": (dict(HAS_DROPOUT=True, EVEN_K=False, BLOCK_R=R_MAX), "fp32"),
+                "even": (dict(HAS_DROPOUT=True, EVEN_K=True, BLOCK_R=R_MAX), "T")}),
     "fwd": (_FWD._lora_linear_fwd_kernel,
-            dict(x_ptr="T", w_ptr="T", s_ptr="A", b_ptr="fp32", bias_ptr="T", y_ptr="T", scale_ptr="fp32"),
-            ("stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_yn"),
-            dict(HAS_BIAS=True, EVEN_K=False)),
+            dict(x_ptr="T", w_ptr="T", s_ptr="A", b_ptr="F", bias_ptr="T", y_ptr="T", scale_ptr="A"),
+            ("stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_yn", "stride_bias"),
+            {"heavy": (dict(HAS_BIAS=True, EVEN_K=False), "fp32"),
+             "even": (dict(HAS_BIAS=False, EVEN_K=True), "T")}),
     "bwd_dy": (_BWD._lora_bwd_dy_kernel,
-               dict(dy_ptr="T", b_ptr="fp32", s_ptr="A", ds_ptr="A", db_ptr="A", scale_ptr="fp32"),
+               dict(dy_ptr="T", b_ptr="F", s_ptr="A", ds_ptr="A", db_ptr="A", scale_ptr="A"),
                ("stride_dyn", "stride_br", "stride_sr", "stride_dsr", "stride_dbr"),
-               dict(COMPUTE_DS=True, COMPUTE_DB=True, DB_ATOMIC=True, EVEN_N=False,
-                    BLOCK_R=configs.MAX_BLOCK_R)),
+               {"heavy": (dict(COMPUTE_DS=True, COMPUTE_DB=True, EVEN_N=False, BLOCK_R=R_MAX), "fp32"),
+                "even": (dict(COMPUTE_DS=True, COMPUTE_DB=False, EVEN_N=True, BLOCK_R=R_MAX), "T")}),
     "bwd_dx": (_BWD._lora_bwd_dx_kernel,
-               dict(dy_ptr="T", w_ptr="T", ds_ptr="A", a_ptr="fp32", dx_ptr="T", seed_ptr="i64"),
+               dict(dy_ptr="T", w_ptr="T", ds_ptr="A", a_ptr="F", dx_ptr="T", seed_ptr="i64"),
                ("stride_dyn", "stride_wk", "stride_dsr", "stride_ak", "stride_dxk"),
-               dict(HAS_DROPOUT=True, EVEN_N=False)),
+               {"heavy": (dict(HAS_DROPOUT=True, EVEN_N=False), "fp32"),
+                "even": (dict(HAS_DROPOUT=True, EVEN_N=True), "T")}),
     "bwd_da": (_BWD._lora_bwd_da_kernel,
-               dict(ds_ptr="A", x_ptr="T", da_ptr="A", seed_ptr="i64"),
-               ("stride_dsr", "stride_xk", "stride_dak"),
-               dict(HAS_DROPOUT=True, DA_ATOMIC=True, BLOCK_R=configs.MAX_BLOCK_R)),
+               dict(ds_ptr="A", x_ptr="T", da_ptr="A", seed_ptr="i64", s_ptr="A", dy_ptr="T", db_ptr="A",
+                    scale_ptr="A"),
+               ("stride_dsr", "stride_xk", "stride_dak", "stride_sr", "stride_dyn", "stride_dbr"),
+               {"heavy": (dict(DO_DA=True, DO_DB=False, HAS_DROPOUT=True, ATOMIC=True, BLOCK_R=R_MAX), "fp32"),
+                "even": (dict(DO_DA=True, DO_DB=True, HAS_DROPOUT=True, ATOMIC=False, BLOCK_R=R_MAX), "T")}),
 }
 _FLOAT_ARGS = ("keep_scale",)
 _UNALIGNED_INTS = ("M", "M_KEY", "keep_thresh")  # do_not_specialize / arbitrary values
@@ -63,6 +72,7 @@ class Resources:
     kernel: str
     arch: int
     dtype: str
+    variant: str
     config: str
     num_warps: int
     num_stages: int
@@ -80,12 +90,19 @@ def _tool(name):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_config(kernel, arch, dtype, cfg, variant=None):
-    """Compile one config of ``kernel`` for ``sm_<arch>`` and ``dtype``; return its Resources."""
-    fn, ptrs, unit_strides, heavy = KERNELS[kernel]
-    itemsize = _ITEMSIZE[dtype]
+def family(arch):
+    """Config family of ``sm_<arch>`` (e.g. 90 -> "sm90", 120 -> "sm86")."""
+    return configs.arch_of((arch // 10, arch % 10))
+
+
+def compile_config(kernel, arch, dtype, cfg, variant="heavy"):
+    """Compile one config of ``kernel`` for ``sm_<arch>``, ``dtype`` and ``variant``; return
+    its Resources."""
+    fn, ptrs, unit_strides, variants = KERNELS[kernel]
+    constexpr_variant, adapter = variants[variant]
     acc = "fp64" if dtype == "fp64" else "fp32"
-    meta = {**heavy, **(variant or {}), **cfg.kwargs}
+    adapter = _TL[dtype] if adapter == "T" or dtype == "fp64" else adapter
+    meta = {**constexpr_variant, **cfg.kwargs}
     meta["DOT_PRECISION"] = "tf32" if dtype == "fp32" else "ieee"
     constexprs = dict(meta)
     constexprs.update({s: 1 for s in unit_strides})
@@ -96,7 +113,7 @@ def compile_config(kernel, arch, dtype, cfg, variant=None):
             continue
         if name in ptrs:
             t = ptrs[name]
-            signature[name] = "*" + {"T": _TL[dtype], "A": acc}.get(t, t)
+            signature[name] = "*" + {"T": _TL[dtype], "A": acc, "F": adapter}.get(t, t)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
@@ -114,7 +131,7 @@ def compile_config(kernel, arch, dtype, cfg, variant=None):
         with open(os.path.join(d, "k.cubin"), "wb") as f:
             f.write(compiled.asm["cubin"])
         from triton.backends.nvidia.compiler import get_ptxas
-        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        sm = f"sm_{arch}a" if arch in (90, 100, 120) else f"sm_{arch}"
         log = subprocess.run([get_ptxas(arch).path, f"-arch={sm}", "-v", os.path.join(d, "k.ptx"),
                               "-o", os.path.join(d, "v.cubin")], capture_output=True, text=True).stderr
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", os.path.join(d, "k.cubin")],
@@ -124,41 +141,42 @@ def compile_config(kernel, arch, dtype, cfg, variant=None):
     if spill is None or res is None:
         raise RuntimeError(f"could not read resources of {kernel} sm_{arch}:\n{log}\n{usage}")
     return Resources(
-        kernel=kernel, arch=arch, dtype=dtype,
+        kernel=kernel, arch=arch, dtype=dtype, variant=variant,
         config=" ".join(f"{k}={v}" for k, v in cfg.kwargs.items()),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         registers=int(res.group(1)), spill_stores=int(spill.group(1)), spill_loads=int(spill.group(2)),
         stack=int(res.group(2)), shared=compiled.metadata.shared,
-        shared_limit=configs.SHARED_LIMIT[f"sm{arch}"],
+        shared_limit=configs.SHARED_LIMIT[family(arch)],
         wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
     )
 
 
-def shipped(arches=(80, 86, 90), dtypes=("bf16", "fp16")):
-    """(kernel, arch, dtype, config) for every config a GPU launch can pick."""
-    for kernel in KERNELS:
+def shipped(arches=(80, 86, 90, 120), dtypes=("bf16", "fp16")):
+    """(kernel, arch, dtype, config, variant) for every config a GPU launch can pick."""
+    for kernel, (_, _, _, variants) in KERNELS.items():
         for arch in arches:
             for dtype in dtypes:
-                for cfg in configs.configs_for(kernel, f"sm{arch}", _ITEMSIZE[dtype]):
-                    yield kernel, arch, dtype, cfg
+                for cfg in configs.configs_for(kernel, family(arch), _ITEMSIZE[dtype]):
+                    for variant in variants:
+                        yield kernel, arch, dtype, cfg, variant
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90, 120])
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=sorted(_TL))
     ap.add_argument("--csv", help="also write the table to this CSV file")
     args = ap.parse_args(argv)
     rows = []
-    hdr = f"{'kernel':8} {'sm':>3} {'dtype':5} {'config':42} {'w':>2} {'s':>2} {'regs':>4} {'spill':>6} " \
-          f"{'stack':>5} {'shared':>7} {'tc':6}"
+    hdr = f"{'kernel':8} {'sm':>3} {'dtype':5} {'variant':7} {'config':42} {'w':>2} {'s':>2} {'regs':>4} " \
+          f"{'spill':>6} {'stack':>5} {'shared':>7} {'tc':6}"
     print(hdr)
-    for kernel, arch, dtype, cfg in shipped(args.arch, args.dtype):
-        r = compile_config(kernel, arch, dtype, cfg)
+    for kernel, arch, dtype, cfg, variant in shipped(args.arch, args.dtype):
+        r = compile_config(kernel, arch, dtype, cfg, variant)
         rows.append(r)
         tc = "wgmma" if r.wgmma else ("mma" if r.mma_sync else "-")
-        print(f"{r.kernel:8} {r.arch:>3} {r.dtype:5} {r.config:42} {r.num_warps:>2} {r.num_stages:>2} "
-              f"{r.registers:>4} {r.spill_stores:>6} {r.stack:>5} {r.shared:>7} {tc:6}", flush=True)
+        print(f"{r.kernel:8} {r.arch:>3} {r.dtype:5} {r.variant:7} {r.config:42} {r.num_warps:>2} "
+              f"{r.num_stages:>2} {r.registers:>4} {r.spill_stores:>6} {r.stack:>5} {r.shared:>7} {tc:6}", flush=True)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(Resources)])

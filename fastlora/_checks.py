@@ -37,6 +37,9 @@ def check_scaling(scaling, device=None):
                             f"tensor of shape {tuple(scaling.shape)}")
         if device is not None and scaling.device != device:
             raise ValueError(f"scaling: expected a tensor on input's device {device}, got {scaling.device}")
+        if scaling.requires_grad:
+            raise ValueError("scaling: a tensor that requires grad; fastlora treats the scaling as a constant "
+                             "(pass scaling.detach(), or learn lora_A / lora_B instead)")
         return 0.0, scaling
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling: expected a finite float, got {type(scaling).__name__} {scaling!r}")

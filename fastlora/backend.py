@@ -22,10 +22,12 @@ def kernel_backend(device):
     """Implementation fastlora uses for tensors on ``device``.
 
     Returns:
-        ``"triton"`` for CUDA devices (compiled kernels), ``"triton-interpreter"`` when
+        ``"triton"`` for NVIDIA GPUs of compute capability ≥ 8.0 (compiled kernels; their tiles
+        and bf16 need Ampere or newer), ``"triton-interpreter"`` when
         ``TRITON_INTERPRET=1`` was set before fastlora's kernels were imported (any device, the
         kernels run on the CPU), otherwise ``"torch"`` (pure-torch path with the same math and
-        the same dropout mask; also used when Triton is not installed).
+        the same dropout mask; also used when Triton is not installed, on older GPUs and on
+        ROCm, whose tiles are not tuned here).
     """
     device = torch.device(device)
     if _override is not None:
@@ -35,8 +37,10 @@ def kernel_backend(device):
         return "torch"
     if k.INTERPRETED:
         return "triton-interpreter"
-    if device.type == "cuda":
-        return "triton"
+    if device.type == "cuda" and torch.version.hip is None:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if torch.cuda.get_device_capability(index) >= k.configs.MIN_CAPABILITY:
+            return "triton"
     return "torch"
 
 

@@ -51,7 +51,13 @@ def check_dropout_p(p):
 
 
 def check_seed(seed):
-    """Validate a seed: a Python int (not bool) in [-2⁶³, 2⁶⁴); returns it as an unsigned 64-bit int."""
+    """Validate a seed: a Python int (not bool) in [-2⁶³, 2⁶⁴), or a one-element int64 tensor;
+    returns it as an unsigned 64-bit int (reading a CUDA tensor synchronises)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed: expected an int or a one-element int64 tensor, got {seed.dtype} "
+                            f"tensor of shape {tuple(seed.shape)}")
+        seed = int(seed.item())
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__} {seed!r}")
     seed = int(seed)
@@ -77,8 +83,8 @@ def keep_params(p):
     return thresh, scale
 
 
-def keep_bits(M, K, seed, keep_thresh, device=None):
-    """Boolean ``[M, K]`` keep-mask (True = kept) for an unsigned 64-bit ``seed``."""
+def keep_bits(M, K, seed, keep_thresh, device=None, row0=0):
+    """Boolean ``[M, K]`` keep-mask (True = kept) of rows ``row0 .. row0 + M`` for ``seed``."""
     device = torch.device("cpu") if device is None else torch.device(device)
     seed = check_seed(seed)
     k0, k1 = seed & _U32, seed >> 32
@@ -87,7 +93,7 @@ def keep_bits(M, K, seed, keep_thresh, device=None):
     rows_per_chunk = max(1, _GROUPS_PER_CHUNK // groups)
     g = torch.arange(groups, dtype=torch.int64, device=device)[None, :]
     for m0 in range(0, M, rows_per_chunk):
-        m = torch.arange(m0, min(M, m0 + rows_per_chunk), dtype=torch.int64, device=device)[:, None]
+        m = row0 + torch.arange(m0, min(M, m0 + rows_per_chunk), dtype=torch.int64, device=device)[:, None]
         c0 = g.expand(m.shape[0], groups)
         c1 = m.expand(m.shape[0], groups)
         zero = torch.zeros_like(c0)

@@ -31,7 +31,10 @@ def _seed_tensor(seed, device):
                             f"tensor of shape {tuple(seed.shape)}")
         return seed.reshape(1).to(device)
     value = check_seed(seed)
-    return torch.tensor([value - (1 << 64) if value >= (1 << 63) else value], dtype=torch.int64, device=device)
+    value = value - (1 << 64) if value >= (1 << 63) else value
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((1,), value, dtype=torch.int64, device=device)  # a host copy cannot be captured
+    return torch.tensor([value], dtype=torch.int64, device=device)  # a copy, no kernel launch
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -49,7 +52,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dropout_p: dropout probability in [0, 1) applied to the LoRA input (0 disables it; the
             caller decides training vs eval).
         seed: None (drawn from the device's torch generator), an int, or an int64 one-element
-            tensor on input's device.
+            tensor on input's device (used as the 64-bit seed, two's complement).
 
     Returns ``[..., N]`` in input's dtype. Gradients come back in each tensor's own dtype; dW
     and db are computed (with torch ops) only if weight / bias require grad. No autocast

@@ -12,8 +12,12 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
 
     The math and order are PEFT's LoRA ``Linear.forward`` (``peft/tuners/lora/layer.py``): the
     base output, plus ``lora_B(lora_A(dropout(x))) * scaling``; dropout (inverted: kept values
-    scaled by 1/(1-p)) touches the LoRA branch only. fastlora rounds less than PEFT: base and
-    LoRA terms share one fp32 accumulator and the output is rounded once.
+    scaled by 1/(1-p)) touches the LoRA branch only. Rounding: base and LoRA terms share one fp32
+    accumulator and the output is rounded once (PEFT rounds the base output, then the sum); the
+    rank-r intermediates ``S = x̃·Aᵀ`` and ``dS`` are rounded to the compute dtype for the
+    second matmul, as PEFT does under autocast. In fp16 that means values of ``scaling·S`` beyond
+    ±65504 overflow (bf16 has fp32's range); PEFT with fp32 adapters outside autocast computes
+    its LoRA branch in fp32 and would not.
 
     Args:
         input: ``[..., K]`` float16 / bfloat16 / float32 / float64 (any strides; leading dims may
@@ -32,8 +36,8 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
         training: apply dropout (like ``nn.Module.training``).
         seed: None draws a 64-bit seed from torch's generator of input's device (so
             ``torch.manual_seed`` reproduces a run and activation-checkpoint recomputation sees the
-            same mask); an int in [-2⁶³, 2⁶⁴) fixes the mask, which is
-            ``fastlora.dropout_mask(input.shape, dropout_p, seed)``.
+            same mask); an int in [-2⁶³, 2⁶⁴) (or a one-element int64 tensor on input's device)
+            fixes the mask, which is ``fastlora.dropout_mask(input.shape, dropout_p, seed)``.
 
     Returns:
         ``[..., N]`` tensor in input's dtype (the autocast dtype under ``torch.autocast``).
@@ -54,7 +58,7 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     p = check_dropout_p(dropout_p)
     if not training:
         p = 0.0
-    if seed is not None:
+    if seed is not None and not isinstance(seed, torch.Tensor):
         check_seed(seed)
     if not autocast:
         return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed)

@@ -9,11 +9,13 @@ import collections
 import json
 import os
 import re
+import warnings
 
 import torch
 from torch import nn
 
-from .layer import LoRALinear, is_conv1d
+from .dropout import check_dropout_p
+from .layer import LoRALinear, _check_hparams, is_conv1d
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -164,7 +166,11 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, modules_to_s
         raise ValueError("model: layers mix use_rslora True and False, which PEFT's config cannot express")
     r_default = collections.Counter(m.r for m in layers.values()).most_common(1)[0][0]
     alpha_default = collections.Counter(m.lora_alpha for m in layers.values()).most_common(1)[0][0]
-    dropout = collections.Counter(m.lora_dropout for m in layers.values()).most_common(1)[0][0]
+    dropouts = collections.Counter(m.lora_dropout for m in layers.values())
+    dropout = dropouts.most_common(1)[0][0]
+    if len(dropouts) > 1:
+        warnings.warn(f"save_adapter: layers use dropouts {sorted(dropouts)}; PEFT's config holds one, "
+                      f"lora_dropout={dropout} is written", stacklevel=2)
     tensors = {}
     for name, m in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A.weight)
@@ -249,6 +255,14 @@ def read_adapter_config(directory):
     return config
 
 
+def _in_saved_module(param_name, save_names):
+    """Whether ``param_name`` lies in a module of ``modules_to_save``, which PEFT names by a
+    module name or its dotted suffix (``"head"`` matches ``enc.head``)."""
+    parts = param_name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]
+    return any(p == s or p.endswith("." + s) for p in prefixes for s in save_names)
+
+
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -256,10 +270,12 @@ def load_adapter(model, directory):
     """Load a PEFT-saved LoRA adapter into a model with :class:`fastlora.LoRALinear` layers.
 
     Per-module ranks and alphas (``rank_pattern``, ``alpha_pattern``), rsLoRA and the dropout
-    come from the config; a layer whose rank differs from the adapter's is resized. Every
-    tensor's name and shape is checked before anything is copied: all problems (tensors for
-    modules that are not LoRA layers, LoRA layers the file lacks, shapes that disagree with the
-    layer or the config) are raised together in one ValueError, and the model is untouched.
+    come from the config; a layer whose rank differs from the adapter's is resized, which gives
+    it new ``lora_A`` / ``lora_B`` parameters (build optimizers after loading). Every value,
+    tensor name and shape is checked before anything changes: all problems (tensors for modules
+    that are not LoRA layers, LoRA layers the file lacks, shapes that disagree with the layer or
+    the config, invalid hyper-parameters) are raised together in one ValueError, and the model
+    is untouched. Load before sharding a model (FSDP2).
 
     Returns:
         The loaded LoRA layer names.
@@ -284,13 +300,18 @@ def load_adapter(model, directory):
             found[m["module"]][m["ab"]] = (key, t)
             continue
         local = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        if any(local.startswith(s + ".") for s in save_names) and local in params:
+        if _in_saved_module(local, save_names) and local in params:
             if tuple(params[local].shape) != tuple(t.shape):
                 problems.append(f"{key}: shape {tuple(t.shape)}, the model's is {tuple(params[local].shape)}")
             extra[local] = t
         else:
             problems.append(f"{key}: not a LoRA weight nor a parameter of modules_to_save {save_names}")
     hparams = {}
+    dropout = config.get("lora_dropout", 0.0)
+    try:
+        check_dropout_p(dropout)
+    except (TypeError, ValueError) as e:
+        problems.append(f"lora_dropout: {e}")
     for name in found:
         if name not in layers:
             problems.append(f"{name}: the file has LoRA weights for it but the model has no LoRALinear there")
@@ -300,6 +321,11 @@ def load_adapter(model, directory):
         r = config["rank_pattern"][rk] if rk is not None else config.get("r", 8)
         alpha = config["alpha_pattern"][ak] if ak is not None else config.get("lora_alpha", 8)
         hparams[name] = (r, alpha)
+        try:
+            _check_hparams(r, alpha, 0.0)
+        except ValueError as e:
+            problems.append(f"{name}: {e} (from the config's r / lora_alpha / rank_pattern / alpha_pattern)")
+            continue
         if layer.merged:
             problems.append(f"{name}: the layer is merged; unmerge() it before loading")
         got = found.get(name, {})

@@ -28,9 +28,13 @@ def _scale_tensor(device, dtype, value):
 
 
 def scale_tensor(scaling, scale, device, acc_dtype):
-    """The scaling as a one-element tensor of the accumulator dtype on ``device``."""
+    """The scaling as a one-element tensor of the accumulator dtype on ``device``. Floats are
+    cached per (device, dtype, value), except while a CUDA graph is being captured: a tensor
+    made then is filled only when the graph replays, so it is made fresh inside the graph."""
     if scale is not None:
         return scale.reshape(1).to(device=device, dtype=acc_dtype)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((1,), scaling, device=device, dtype=acc_dtype)
     return _scale_tensor(device, acc_dtype, scaling)
 
 

@@ -12,7 +12,8 @@ Fused when all hold (PEFT's forward order: base, then ``lora_B(lora_A(dropout(x)
   exactly one active adapter present in the layer; not merged; adapters enabled; no per-call
   ``adapter_names`` or extra forward arguments; no LoRA variant (DoRA, aLoRA, ...); the base
   is ``nn.Linear`` or GPT-2 ``Conv1D`` (``fan_in_fan_out``) with plain, unsharded float
-  weights; the dropout is ``nn.Dropout`` or ``nn.Identity``. ``lora_bias`` and rsLoRA are
+  weights on the input's device and no hooks (e.g. accelerate's offloading) on it; the dropout
+  is ``nn.Dropout`` or ``nn.Identity``. ``lora_bias`` and rsLoRA are
   supported, fp32 or half adapters too.
 Each other case falls back to PEFT with a warning that names the layer and the reason (once per
 layer and reason), and is counted in the :class:`PatchReport`.
@@ -54,7 +55,16 @@ def _plain_weight(t):
     return t is not None and type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point() and t.numel() > 0
 
 
-def _fallback_reason(layer, args, kwargs):
+def _base_is_hooked(base):
+    """The base layer's forward carries behaviour fastlora would skip: hooks (its own or global
+    ones, accelerate's offloading hook) or a forward replaced on the instance."""
+    from torch.nn.modules import module as nn_module
+    return bool(base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
+                or "forward" in base.__dict__ or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks)
+
+
+def _fallback_reason(layer, x, args, kwargs):
     """Why this call cannot be fused (None if it can), and the active adapter otherwise."""
     if layer.disable_adapters:
         return "adapters disabled", None
@@ -77,6 +87,10 @@ def _fallback_reason(layer, args, kwargs):
         return f"base layer {type(base).__name__}", None
     if not _plain_weight(base.weight) or (base.bias is not None and not _plain_weight(base.bias)):
         return "quantized, sharded or empty base weight", None
+    if _base_is_hooked(base):
+        return "hooks on the base layer", None
+    if base.weight.device != x.device:
+        return f"base weight on {base.weight.device}, input on {x.device}", None
     if not (_plain_weight(layer.lora_A[adapter].weight) and _plain_weight(layer.lora_B[adapter].weight)):
         return "sharded or empty adapter weight", None
     if type(layer.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
@@ -90,7 +104,7 @@ class FastLoraPeftLinear(PeftLoraLinear):
     changes."""
 
     def forward(self, x, *args, **kwargs):
-        reason, adapter = _fallback_reason(self, args, kwargs)
+        reason, adapter = _fallback_reason(self, x, args, kwargs)
         if reason is not None:
             self._fastlora_fallback(reason)
             return super().forward(x, *args, **kwargs)

@@ -99,13 +99,17 @@ ARCH_FAMILIES = tuple(SHARED_LIMIT)
 
 
 def arch_of(capability):
-    """Config family for a CUDA compute capability ``(major, minor)``."""
+    """Config family for a CUDA compute capability ``(major, minor)``: by shared memory per
+    block, the limit that decides which tiles fit."""
     major, minor = capability
-    if major >= 9:
-        return "sm90"
-    if (major, minor) in ((8, 6), (8, 7), (8, 9)):
-        return "sm86"  # 99 KiB of shared memory per block
+    if major in (9, 10):
+        return "sm90"  # Hopper, datacenter Blackwell: 227 KiB
+    if major >= 11 or (major, minor) in ((8, 6), (8, 7), (8, 9)):
+        return "sm86"  # consumer Ampere/Ada/Blackwell (sm_120: ~100 KiB): the small-tile family
     return "sm80"
+
+
+MIN_CAPABILITY = (8, 0)  # bf16 tensor cores; older GPUs (and ROCm) use the torch path
 
 
 def configs_for(kernel, arch, itemsize):
@@ -145,9 +149,9 @@ _AUTOTUNE_KEYS = {
     "fwd": ["M_KEY", "N", "K", "R", "HAS_BIAS"],
     "bwd_dy": ["M_KEY", "N", "R", "COMPUTE_DS", "COMPUTE_DB"],
     "bwd_dx": ["M_KEY", "N", "K", "R", "HAS_DROPOUT"],
-    "bwd_da": ["M_KEY", "K", "R", "HAS_DROPOUT"],
+    "bwd_da": ["M_KEY", "N", "K", "R", "HAS_DROPOUT", "DO_DA", "DO_DB"],
 }
-_RESET = {"bwd_dy": ["db_ptr"], "bwd_da": ["da_ptr"]}
+_RESET = {"bwd_dy": ["db_ptr"], "bwd_da": ["da_ptr", "db_ptr"]}
 
 # Meta-parameters derived from the sizes and the chosen config: the reduction loop drops its
 # tail masks when its length is a multiple of the block.
@@ -166,8 +170,9 @@ def derived_meta(kernel, args):
 
 
 @functools.lru_cache(maxsize=None)
-def autotuned(kernel, raw_fn, arch, itemsize):
-    """The ``triton.autotune`` wrapper of ``raw_fn`` for ``arch`` (built once, cached).
+def autotuned(kernel, raw_fn, arch, itemsize, device_index=None):
+    """The ``triton.autotune`` wrapper of ``raw_fn`` for ``arch`` and one device (built once,
+    cached: each GPU tunes for itself and no two devices share an autotuner's state).
 
     Atomically accumulated workspaces are reset to zero between trials (``reset_to_zero``)."""
     fn = triton.heuristics(HEURISTICS[kernel])(raw_fn) if HEURISTICS[kernel] else raw_fn

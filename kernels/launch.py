@@ -9,6 +9,7 @@ suits test suites with many shapes (bench/device_check.sh sets it for its test s
 """
 import collections
 import os
+import threading
 
 import torch
 import triton
@@ -24,19 +25,57 @@ def is_interpreted(raw_fn):
     return isinstance(raw_fn, InterpretedFunction)
 
 
+def tf32_allowed():
+    """Whether torch allows TF32 for fp32 CUDA matmuls, read through the API the user set:
+    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" / "ieee"), else the legacy
+    ``allow_tf32`` (reading it raises once the new API was used, hence the order)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def dot_precision(dtype):
     """``tl.dot`` input precision: tf32 for fp32 operands iff torch allows tf32 matmuls."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and tf32_allowed():
         return "tf32"
     return "ieee"
+
+
+# In-tile offsets are int32 (block bases are int64): a tile spans at most MAX_BLOCK rows and
+# columns, so every stride times MAX_BLOCK must stay below 2³¹.
+MAX_BLOCK = 256
+
+
+def tile_addressable(t, name):
+    """``t``, or a contiguous copy if one of its strides is too large for int32 in-tile offsets
+    (e.g. a transposed input with more than 8M rows). Raises ValueError when even the
+    contiguous layout is too large (rows of more than 8M elements)."""
+    def fits(u):
+        return all(abs(s) * MAX_BLOCK < 2 ** 31 for s in u.stride())
+    if fits(t):
+        return t
+    t = t.contiguous()
+    if not fits(t):
+        raise ValueError(f"{name}: rows of {t.shape[-1]} elements are too long for fastlora's kernels "
+                         f"(limit {(2 ** 31) // MAX_BLOCK - 1})")
+    return t
+
+
+_TUNE_LOCK = threading.Lock()
 
 
 def launch(name, raw_fn, grid, device, itemsize, fixed=False, **kwargs):
     """Launch ``raw_fn`` (kernel ``name`` in ``configs``) on ``grid(meta)``.
 
     Under the interpreter the large-block ``INTERPRETER_CONFIGS[name]`` is used; with
-    ``fixed=True`` (deterministic mode, whose workspaces are sized by the config) the first
-    candidate of the architecture; otherwise the autotuned wrapper picks and caches the best.
+    ``fixed=True`` (deterministic mode: the config must not depend on timing) the first
+    candidate of the architecture; otherwise the autotuned wrapper of this device picks and
+    caches the best (under a lock: autograd runs one backward thread per GPU).
     """
     LAUNCH_COUNTS[name] += 1
     if is_interpreted(raw_fn):
@@ -52,17 +91,10 @@ def launch(name, raw_fn, grid, device, itemsize, fixed=False, **kwargs):
             raw_fn[grid(cfg.kwargs)](**kwargs, **cfg.kwargs, **derived, num_warps=cfg.num_warps,
                                      num_stages=cfg.num_stages)
             return cfg.kwargs
-        tuned = configs.autotuned(name, raw_fn, arch, itemsize)
-        tuned[grid](**kwargs)
-        return tuned.best_config.kwargs
-
-
-def fixed_meta(name, raw_fn, device, itemsize):
-    """The meta-parameters ``launch(..., fixed=True)`` will use (to size workspaces first)."""
-    if is_interpreted(raw_fn):
-        return configs.INTERPRETER_CONFIGS[name]
-    arch = configs.arch_of(torch.cuda.get_device_capability(device))
-    return configs.configs_for(name, arch, itemsize)[0].kwargs
+        tuned = configs.autotuned(name, raw_fn, arch, itemsize, device.index)
+        with _TUNE_LOCK:
+            tuned[grid](**kwargs)
+            return tuned.best_config.kwargs
 
 
 def cdiv(a, b):

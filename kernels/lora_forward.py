@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import configs
 from .dropout import dropout_keep
-from .launch import cdiv, dot_precision, launch
+from .launch import cdiv, dot_precision, launch, tile_addressable
 
 
 @triton.jit(do_not_specialize=["M", "M_KEY"])
@@ -101,7 +101,7 @@ def _lora_linear_fwd_kernel(
     M, N, K, R,
     # strides
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
-    stride_bn, stride_br, stride_ym, stride_yn,
+    stride_bn, stride_br, stride_ym, stride_yn, stride_bias,
     # scalars
     M_KEY,  # bucketed M: autotune key only
     # meta-parameters
@@ -168,7 +168,7 @@ def _lora_linear_fwd_kernel(
     cn = tl.arange(0, BLOCK_N)
     mask_n = cn < N - n_start
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + n_start + cn, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + (n_start + cn) * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(acc_dtype)[None, :]
     y_ptrs = y_ptr + tl.cast(m_start, tl.int64) * stride_ym + tl.cast(n_start, tl.int64) * stride_yn
     y_ptrs += cm[:, None] * stride_ym + cn[None, :] * stride_yn
@@ -197,6 +197,8 @@ def lora_linear_fwd(x, weight, lora_A, lora_B, scale, bias=None, seed=None, keep
     Returns:
         ``(y [M, N] in x.dtype, S [M, r] in fp32, fp64 for fp64 x)``.
     """
+    x, weight, lora_A, lora_B = (tile_addressable(t, n) for t, n in
+                                 ((x, "input"), (weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B")))
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     device, itemsize = x.device, x.element_size()
@@ -226,7 +228,7 @@ def lora_linear_fwd(x, weight, lora_A, lora_B, scale, bias=None, seed=None, keep
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_sm=S.stride(0), stride_sr=S.stride(1),
         stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
-        stride_ym=y.stride(0), stride_yn=y.stride(1),
+        stride_ym=y.stride(0), stride_yn=y.stride(1), stride_bias=bias.stride(0) if bias is not None else 0,
         M_KEY=mk,
         HAS_BIAS=bias is not None, DOT_PRECISION=precision,
     )

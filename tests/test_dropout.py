@@ -79,8 +79,10 @@ def test_mask_is_a_function_of_the_flattened_row_and_column():
     assert torch.equal(a.reshape(6, 21), b)
     # a prefix of the columns does not depend on K (the counter is (k // 8, m))
     assert torch.equal(fastlora.dropout_mask((6, 40), 0.3, seed=5)[:, :21], b)
-    # and the row count does not change earlier rows
+    # and the row count does not change earlier rows; a row window is a slice of the whole
     assert torch.equal(fastlora.dropout_mask((9, 21), 0.3, seed=5)[:6], b)
+    thresh, _ = keep_params(0.3)
+    assert torch.equal(keep_bits(4, 21, 5, thresh, row0=3), keep_bits(9, 21, 5, thresh)[3:7])
 
 
 def test_seeds_are_64_bit_unsigned():
@@ -102,6 +104,16 @@ def test_same_seed_is_bitwise_reproducible(backend, device):
         assert torch.equal(u, v), f"{name} differs between two runs with the same seed"
     y3 = run(backend, fastlora.lora_linear, x, W, A, B, 2.0, b, dropout_p=0.3, seed=78)
     assert not torch.equal(y3, outs[0][0])
+
+
+@pytest.mark.parametrize("backend,device", backends())
+def test_tensor_seed_equals_int_seed(backend, device):
+    x, W, A, B, b, _ = make_inputs(20, 24, 40, 4, torch.float32, device)
+    for seed in (5, -3, 2 ** 64 - 7):
+        as_tensor = torch.tensor([seed - 2 ** 64 if seed >= 2 ** 63 else seed], device=device)
+        y_int = run(backend, fastlora.lora_linear, x, W, A, B, 2.0, b, dropout_p=0.5, seed=seed)
+        y_t = run(backend, fastlora.lora_linear, x, W, A, B, 2.0, b, dropout_p=0.5, seed=as_tensor)
+        assert torch.equal(y_int, y_t)
 
 
 @pytest.mark.parametrize("backend,device", backends())

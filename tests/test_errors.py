@@ -46,6 +46,12 @@ CASES = [
     ("scaling-str", lambda a: a.update(scaling="2"), {}, TypeError, ["scaling", "str"]),
     ("scaling-bool", lambda a: a.update(scaling=True), {}, TypeError, ["scaling", "bool"]),
     ("scaling-None", lambda a: a.update(scaling=None), {}, TypeError, ["scaling", "NoneType"]),
+    ("scaling-learnable", lambda a: a.update(scaling=torch.tensor(2.0, requires_grad=True)), {}, ValueError,
+     ["scaling", "requires grad"]),
+    ("scaling-int-tensor", lambda a: a.update(scaling=torch.tensor(2)), {}, TypeError, ["scaling", "int64"]),
+    ("scaling-two-values", lambda a: a.update(scaling=torch.ones(2)), {}, TypeError, ["scaling", "(2,)"]),
+    ("scaling-device", lambda a: a.update(scaling=torch.empty(1, device="meta")), {}, ValueError,
+     ["scaling", "meta"]),
     ("p-one", lambda a: None, {"dropout_p": 1.0}, ValueError, ["dropout_p", "[0, 1)", "1.0"]),
     ("p-negative", lambda a: None, {"dropout_p": -0.1}, ValueError, ["dropout_p", "-0.1"]),
     ("p-nan", lambda a: None, {"dropout_p": float("nan")}, ValueError, ["dropout_p", "nan"]),
@@ -54,6 +60,8 @@ CASES = [
     ("seed-float", lambda a: None, {"dropout_p": 0.1, "seed": 1.5}, TypeError, ["seed", "float"]),
     ("seed-too-big", lambda a: None, {"dropout_p": 0.1, "seed": 2 ** 64}, ValueError, ["seed", "2**64"]),
     ("seed-bool", lambda a: None, {"dropout_p": 0.1, "seed": True}, TypeError, ["seed", "bool"]),
+    ("seed-float-tensor", lambda a: None, {"dropout_p": 0.1, "seed": torch.tensor([1.0])}, TypeError,
+     ["seed", "float32"]),
 ]
 
 

@@ -87,21 +87,46 @@ def test_deterministic_mode_is_bitwise_reproducible():
 
 
 def test_input_larger_than_2_pow_31_elements():
-    """M·K > 2³¹ (8 GiB of bf16): int64 block offsets must address every row."""
+    """M·K > 2³¹ (8.8 GiB of bf16): int64 block offsets must address every row, forward and
+    backward (dx written, x re-read for dA)."""
     M, K, N, r = (1 << 20) + 3, 2048 + 64, 64, 16
     free, _ = torch.cuda.mem_get_info()
-    if free < 24 * 2 ** 30:
-        pytest.skip("needs 24 GiB of free GPU memory")
+    if free < 40 * 2 ** 30:
+        pytest.skip("needs 40 GiB of free GPU memory")
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5
-    A = torch.randn(r, K, device="cuda", generator=g) / K ** 0.5
-    B = torch.randn(N, r, device="cuda", generator=g)
-    y = fastlora.lora_linear(x, W, A, B, 2.0)
+    A = (torch.randn(r, K, device="cuda", generator=g) / K ** 0.5).requires_grad_()
+    B = torch.randn(N, r, device="cuda", generator=g).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, generator=g)
+    y = fastlora.lora_linear(x, W, A, B, 2.0, dropout_p=0.1, seed=3)
+    y.backward(dy)
+    from fastlora.dropout import keep_bits, keep_params
+    thresh, scale = keep_params(0.1)
+
+    def mask_rows(m0, n):  # rows m0 .. m0+n of the [M, K] mask, without building all of it
+        return keep_bits(n, K, 3, thresh, "cuda", row0=m0).double() * scale
+
     rows = torch.tensor([0, 1, M // 2, M - 2, M - 1], device="cuda")
-    xs = x[rows].double()
-    ref = xs @ W.double().t() + 2.0 * (xs @ A.double().t()) @ B.double().t()
-    assert_close("y rows", y[rows], ref, torch.bfloat16, K + r, "triton")
+    xs, ys, dys = x.detach()[rows], y.detach()[rows], dy[rows]
+    mask = torch.cat([mask_rows(int(m), 1) for m in rows])
+    x64, A64, B64 = xs.double(), A.detach().double(), B.detach().double()
+    ref_y = x64 @ W.double().t() + 2.0 * ((x64 * mask) @ A64.t()) @ B64.t()
+    assert_close("y rows", ys, ref_y, torch.bfloat16, K + r, "triton")
+    ref_dx = dys.double() @ W.double() + mask * ((2.0 * dys.double() @ B64) @ A64)
+    assert_close("dx rows", x.grad[rows], ref_dx, torch.bfloat16, N + r, "triton")
+    # dA = Σ over all M rows: compare with a float64 sum computed in row chunks
+    dA_ref = torch.zeros(r, K, device="cuda", dtype=torch.float64)
+    dB_ref = torch.zeros(N, r, device="cuda", dtype=torch.float64)
+    for m0 in range(0, M, 1 << 17):
+        xc = x.detach()[m0:m0 + (1 << 17)].double()
+        mc = mask_rows(m0, xc.shape[0])
+        dyc = dy[m0:m0 + (1 << 17)].double()
+        xt = (xc * mc).to(torch.bfloat16).double()
+        dA_ref += (2.0 * dyc @ B64).t() @ xt
+        dB_ref += 2.0 * dyc.t() @ (xt @ A64.t())
+    assert_close("dA", A.grad, dA_ref, torch.bfloat16, M, "triton")
+    assert_close("dB", B.grad, dB_ref, torch.bfloat16, M, "triton")
 
 
 def test_compile_reduce_overhead_cuda_graphs():

@@ -1,4 +1,4 @@
-"""Launch budget (forward ≤ 2, backward ≤ 3 + one memset or reduction) and bytes saved for
+"""Launch budget (forward 2, backward 3 + one memset; deterministic: 3) and bytes saved for
 backward (the input itself, S [M, r] and the seed: nothing else of size M×K or M×N)."""
 import importlib
 
@@ -84,8 +84,8 @@ def test_launch_budget(backend, device, torch_ops, deterministic):
     assert fwd_ops == ["fastlora.lora_linear_fwd.default"], fwd_ops
     assert torch_ops.ops == ["fastlora.lora_linear_bwd.default"], torch_ops.ops
 
-    # inside the backward operator: one memset of the atomic workspace, or one fixed-order
-    # reduction of the dB partials (the launcher, called directly, is visible to the mode)
+    # inside the backward operator: one memset of the atomic workspace; deterministic mode
+    # has no atomics and needs none (the launcher, called directly, is visible to the mode)
     from fastlora.backend import kernels
     from fastlora.dropout import keep_params
     S = torch.randn(150, 16, device=device)
@@ -98,7 +98,7 @@ def test_launch_budget(backend, device, torch_ops, deterministic):
                                       torch.tensor([5], device=device), *keep_params(0.1))
     finally:
         torch.use_deterministic_algorithms(prev)
-    assert torch_ops.ops == (["sum.IntList_out"] if deterministic else ["zeros.default"]), torch_ops.ops
+    assert torch_ops.ops == ([] if deterministic else ["zeros.default"]), torch_ops.ops
 
 
 @pytest.mark.skipif(not (INTERPRETED or HAS_CUDA), reason="needs the Triton interpreter or a GPU")

@@ -106,6 +106,22 @@ def _views(device):
 
 
 @pytest.mark.parametrize("backend,device", backends())
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_bias_views(backend, device, layout):
+    """A bias read through its stride: every other element of a buffer, or one value expanded
+    (stride 0) over N."""
+    x, W, A, B, b, dy = make_inputs(37, 45, 70, 12, torch.float32, device)
+    if layout == "strided":
+        buf = torch.zeros(2 * 45, device=device)
+        buf[::2] = b
+        bv = buf[::2]
+    else:
+        bv = b[:1].expand(45)
+    y = run(backend, fastlora.lora_linear, x, W, A, B, 2.0, bv)
+    assert_close("y", y, oracle(x, W, A, B, bv.contiguous(), 2.0, None, dy)[0], torch.float32, 82, backend)
+
+
+@pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("view", list(_views("cpu")))
 def test_strided_and_transposed_views(backend, device, view):
     M, N, K, r, p, seed = 37, 45, 70, 12, 0.2, 99

@@ -182,3 +182,45 @@ def test_missing_files_name_the_file(tmp_path):
         load_adapter(target, tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(target, tmp_path / "nowhere")
+
+
+def test_invalid_hyperparameters_in_the_config_change_nothing(tmp_path):
+    base, _ = _saved(tmp_path)
+    key = "bert.encoder.layer.1.attention.self.value"
+    _edit(tmp_path, config=lambda c: c.update({"alpha_pattern": {key: float("nan")}, "r": 4}))
+    target = copy.deepcopy(base)
+    inject_lora(target, ["query", "value"], r=4, lora_alpha=8)
+    before = {n: (m.lora_alpha, m.lora_dropout, m.lora_A.weight.clone()) for n, m in target.named_modules()
+              if isinstance(m, LoRALinear)}
+    with pytest.raises(ValueError, match="lora_alpha"):
+        load_adapter(target, tmp_path)
+    for n, m in target.named_modules():
+        if isinstance(m, LoRALinear):
+            alpha, dropout, a = before[n]
+            assert (m.lora_alpha, m.lora_dropout) == (alpha, dropout) and torch.equal(m.lora_A.weight, a), n
+
+
+def test_nested_modules_to_save_from_peft(tmp_path):
+    """PEFT names modules_to_save by a suffix ("head" for enc.head); its saved keys load."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.ModuleDict({"proj": nn.Linear(8, 8), "head": nn.Linear(8, 3)})
+
+        def forward(self, x):
+            return self.enc["head"](self.enc["proj"](x))
+
+    torch.manual_seed(0)
+    base = Net()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["proj"],
+                                                                   modules_to_save=["head"]))
+    randomize_lora_B(pm)
+    with torch.no_grad():
+        pm.base_model.model.enc["head"].modules_to_save["default"].weight.normal_()
+    pm.save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    inject_lora(model, ["proj"], r=2)
+    load_adapter(model, tmp_path)
+    x = torch.randn(4, 8)
+    with torch.no_grad(), force_backend("torch"):
+        torch.testing.assert_close(model(x), pm(x))

@@ -208,3 +208,18 @@ def test_unpatch_restores_peft_and_peft_api_still_works(tmp_path):
     patch_peft_model(merged)
     unloaded = merged.merge_and_unload()
     torch.testing.assert_close(_logits(unloaded, "gpt2"), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_hooks_on_the_base_layer_keep_peft_forward():
+    """A hook on the base layer (accelerate's offloading works that way) must run: fastlora
+    reads the weight directly, so it hands such layers back to PEFT."""
+    pm = peft_model("llama", p=0.0)
+    pm.eval()
+    layer = lora_layers(pm)[0]
+    layer.get_base_layer().register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+    plain = _logits(copy.deepcopy(pm), "llama")
+    report = patch_peft_model(pm)
+    with pytest.warns(UserWarning, match="hooks on the base layer"):
+        out = _logits(pm, "llama")
+    assert torch.equal(out, plain)
+    assert any(why == "hooks on the base layer" for (_, why) in report.fallbacks)
