@@ -32,6 +32,7 @@ import triton.language as tl
 
 from . import configs
 from .dropout import dropout_keep
+from .tiling import grouped_tile
 from .launch import cdiv, dot_precision, launch, tile_addressable
 
 
@@ -117,16 +118,8 @@ def _lora_bwd_dx_kernel(
 ):
     dtype = dy_ptr.dtype.element_ty
     acc_dtype = ds_ptr.dtype.element_ty
-    # -- program id -> (pid_m, pid_k), grouped ------------------------------------------------
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    num_pid_in_group = GROUP_M * num_pid_k
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_k = (pid % num_pid_in_group) // group_size_m
+    # -- program id -> (pid_m, pid_k), GROUP_M row-blocks share a band of W in L2 --------------
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     m_start = pid_m * BLOCK_M
     k_start = pid_k * BLOCK_K
     # -- offsets: rows past M / columns past K are clamped (read, never stored); only the N and

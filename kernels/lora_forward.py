@@ -35,6 +35,7 @@ import triton.language as tl
 
 from . import configs
 from .dropout import dropout_keep
+from .tiling import grouped_tile
 from .launch import cdiv, dot_precision, launch, tile_addressable
 
 
@@ -111,15 +112,7 @@ def _lora_linear_fwd_kernel(
     dtype = x_ptr.dtype.element_ty
     acc_dtype = s_ptr.dtype.element_ty
     # -- program id -> (pid_m, pid_n), GROUP_M row-blocks share a band of W in L2 --------------
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_start = pid_m * BLOCK_M
     n_start = pid_n * BLOCK_N
     # -- offsets: int64 block bases, int32 in-block offsets. Rows past M and N are clamped to
