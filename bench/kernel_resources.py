@@ -151,6 +151,11 @@ def compile_config(kernel, arch, dtype, cfg, variant="heavy"):
     )
 
 
+def _compile_job(job):
+    kernel, arch, dtype, (meta, warps, stages), variant = job
+    return compile_config(kernel, arch, dtype, triton.Config(meta, num_warps=warps, num_stages=stages), variant)
+
+
 def shipped(arches=(80, 86, 90, 120), dtypes=("bf16", "fp16"), ci=False):
     """(kernel, arch, dtype, config, variant) for every config a GPU launch can pick.
 
@@ -176,17 +181,27 @@ def main(argv=None):
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=sorted(_TL))
     ap.add_argument("--csv", help="also write the table to this CSV file")
     ap.add_argument("--ci", action="store_true", help="the reduced matrix the test suite compiles (see shipped())")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
     args = ap.parse_args(argv)
     rows = []
     hdr = f"{'kernel':8} {'sm':>3} {'dtype':5} {'variant':7} {'config':42} {'w':>2} {'s':>2} {'regs':>4} " \
           f"{'spill':>6} {'stack':>5} {'shared':>7} {'tc':6}"
     print(hdr)
-    for kernel, arch, dtype, cfg, variant in shipped(args.arch, args.dtype, ci=args.ci):
-        r = compile_config(kernel, arch, dtype, cfg, variant)
+    todo = [(k, a, d, (c.kwargs, c.num_warps, c.num_stages), v) for k, a, d, c, v in shipped(args.arch, args.dtype, ci=args.ci)]
+    if args.jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_compile_job, todo)
+    else:
+        pool, results = None, map(_compile_job, todo)
+    for r in results:
         rows.append(r)
         tc = "wgmma" if r.wgmma else ("mma" if r.mma_sync else "-")
         print(f"{r.kernel:8} {r.arch:>3} {r.dtype:5} {r.variant:7} {r.config:42} {r.num_warps:>2} "
               f"{r.num_stages:>2} {r.registers:>4} {r.spill_stores:>6} {r.stack:>5} {r.shared:>7} {tc:6}", flush=True)
+    if pool is not None:
+        pool.shutdown()
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(Resources)])
