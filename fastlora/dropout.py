@@ -6,6 +6,7 @@ for the CPU path, for tests, and for users who want PEFT's eager formula with fa
 """
 import math
 import numbers
+import struct
 
 import torch
 
@@ -50,14 +51,19 @@ def check_dropout_p(p):
     return float(p)
 
 
+def check_seed_tensor(seed):
+    """Validate a seed tensor: one int64 element. Returns it (no read, no synchronisation)."""
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(f"seed: expected an int or a one-element int64 tensor, got {seed.dtype} "
+                        f"tensor of shape {tuple(seed.shape)}")
+    return seed
+
+
 def check_seed(seed):
     """Validate a seed: a Python int (not bool) in [-2⁶³, 2⁶⁴), or a one-element int64 tensor;
     returns it as an unsigned 64-bit int (reading a CUDA tensor synchronises)."""
     if isinstance(seed, torch.Tensor):
-        if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(f"seed: expected an int or a one-element int64 tensor, got {seed.dtype} "
-                            f"tensor of shape {tuple(seed.shape)}")
-        seed = int(seed.item())
+        seed = int(check_seed_tensor(seed).item())
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed: expected an int or None, got {type(seed).__name__} {seed!r}")
     seed = int(seed)
@@ -79,7 +85,7 @@ def keep_params(p):
     ``keep_scale = float32(1 / (1 - p))``."""
     p = check_dropout_p(p)
     thresh = min(65536, max(0, int(round((1.0 - p) * 65536))))
-    scale = float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+    scale = struct.unpack("f", struct.pack("f", 1.0 / (1.0 - p)))[0]  # float32 rounding, no tensor
     return thresh, scale
 
 

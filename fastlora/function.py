@@ -1,7 +1,7 @@
 """``LoRALinearFunction``: the autograd Function under :func:`fastlora.lora_linear`.
 
 Forward: 2 kernel launches (shrink ``S = x̃·Aᵀ``, then one GEMM over K+r). Backward: 3 launches
-(``dS, dB`` from one read of dy; ``dx``; ``dA``) plus one memset or one small reduction; see
+(``dS, dB`` from one read of dy; ``dx``; ``dA``) plus one memset (none in deterministic mode); see
 kernels/lora_forward.py and kernels/lora_backward.py for the math and the fusion plan. Both go
 through the ``torch.library`` operators of fastlora/ops.py, so ``torch.compile`` traces this
 Function with no graph break.
@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 from . import ops
 from ._checks import check_inputs, check_scaling
 from .backend import forced_backend
-from .dropout import check_dropout_p, check_seed, draw_seed, keep_params
+from .dropout import check_dropout_p, check_seed, check_seed_tensor, draw_seed, keep_params
 from .reference import acc_dtype_of
 
 
@@ -26,10 +26,7 @@ def _seed_tensor(seed, device):
     if seed is None:
         return draw_seed(device)
     if isinstance(seed, torch.Tensor):
-        if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(f"seed: expected an int or a one-element int64 tensor, got {seed.dtype} "
-                            f"tensor of shape {tuple(seed.shape)}")
-        return seed.reshape(1).to(device)
+        return check_seed_tensor(seed).reshape(1).to(device)
     value = check_seed(seed)
     value = value - (1 << 64) if value >= (1 << 63) else value
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -121,10 +121,6 @@ def lora_layers(model):
 # ------------------------------------------------------------------------------------------
 # PEFT's adapter format
 # ------------------------------------------------------------------------------------------
-def _escape(name):
-    return re.escape(name)
-
-
 def _full(t):
     """A full, detached CPU copy of a parameter; a sharded ``DTensor`` (FSDP2) is gathered first,
     which is a collective: every rank must call :func:`save_adapter`."""
@@ -191,8 +187,8 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, modules_to_s
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
         "target_modules": list(layers),
-        "rank_pattern": {_escape(n): m.r for n, m in layers.items() if m.r != r_default},
-        "alpha_pattern": {_escape(n): m.lora_alpha for n, m in layers.items() if m.lora_alpha != alpha_default},
+        "rank_pattern": {re.escape(n): m.r for n, m in layers.items() if m.r != r_default},
+        "alpha_pattern": {re.escape(n): m.lora_alpha for n, m in layers.items() if m.lora_alpha != alpha_default},
         "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
         "bias": "none",
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
