@@ -9,8 +9,12 @@ frozen W and trainable A, B; the input x requires grad, as activations do inside
   peft-fp32     a real ``peft`` layer with PEFT's default fp32 adapters, under ``torch.autocast``
   compile       ``torch.compile`` of ``eager``
   addmm         base GEMM, then the LoRA update added in place with ``addmm_`` (Unsloth's style)
-  fastlora      ``fastlora.lora_linear`` with adapters in the model dtype
-  fastlora-fp32 ``fastlora.lora_linear`` with fp32 adapters (PEFT's default), no autocast needed
+  fastlora      ``fastlora.lora_linear`` with adapters in the model dtype; the path (fused or
+                hybrid) chosen by measurement on the first call of each shape (fastlora.dispatch)
+  fastlora-fused  the same, forced onto the fused path (``FASTLORA_PATH=fused``)
+  fastlora-hybrid the same, forced onto the hybrid path: cuBLAS GEMMs + Triton LoRA kernels
+  fastlora-fp32 ``fastlora.lora_linear`` with fp32 adapters (PEFT's default), no autocast: the
+                LoRA math in fp32, as PEFT computes it (the exact operand split on tensor cores)
 """
 import contextlib
 import dataclasses
@@ -59,6 +63,16 @@ class Provider:
         with self.context():
             return self.forward()
 
+    def backward(self, y, dy, **kwargs):
+        """``y.backward(dy)`` under the provider's context (e.g. the forced fastlora path)."""
+        with self.context():
+            y.backward(dy, **kwargs)
+
+    def step(self, dy):
+        """Forward and backward."""
+        with self.context():
+            self.forward().backward(dy)
+
 
 def _peft_layer(inp, fp32_adapters):
     import peft
@@ -75,6 +89,21 @@ def _peft_layer(inp, fp32_adapters):
         layer.lora_B["default"].weight.copy_(inp.B)
     model.train()
     return layer
+
+
+@contextlib.contextmanager
+def _path_env(path):
+    """``FASTLORA_PATH=path`` for the block (read by fastlora at each call)."""
+    import os
+    previous = os.environ.get("FASTLORA_PATH")
+    os.environ["FASTLORA_PATH"] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("FASTLORA_PATH")
+        else:
+            os.environ["FASTLORA_PATH"] = previous
 
 
 def make_provider(name, inp):
@@ -102,8 +131,10 @@ def make_provider(name, inp):
         ctx = (lambda: torch.autocast(x.device.type, dtype=x.dtype)) if fp32 and x.dtype != torch.float32 \
             else contextlib.nullcontext
         return Provider(name, lambda: layer(x), [x, a, b], [W, a, b], ctx)
-    if name == "fastlora":
-        return Provider(name, lambda: fastlora.lora_linear(x, W, A, B, s, dropout_p=p), lora_leaves, [W, A, B])
+    if name in ("fastlora", "fastlora-fused", "fastlora-hybrid"):
+        path = name.partition("-")[2] or "auto"
+        return Provider(name, lambda: fastlora.lora_linear(x, W, A, B, s, dropout_p=p), lora_leaves, [W, A, B],
+                        lambda: _path_env(path))
     if name == "fastlora-fp32":
         a32 = A.detach().float().requires_grad_()
         b32 = B.detach().float().requires_grad_()

@@ -5,6 +5,7 @@ dropout mask regenerated from a seed instead of stored; a drop-in layer, model i
 acceleration and PEFT-format adapters around it.
 """
 from .backend import kernel_backend
+from .dispatch import explain_path
 from .dropout import dropout_mask
 from .function import LoRALinearFunction
 from .functional import lora_linear
@@ -33,5 +34,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastlora' has no attribute {name!r}")
 
 
-__all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "dropout_mask", "kernel_backend", "inject_lora",
+__all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "dropout_mask", "kernel_backend", "explain_path",
+           "inject_lora",
            "save_adapter", "load_adapter", "patch_peft_model", "unpatch_peft_model", "PatchReport", "__version__"]

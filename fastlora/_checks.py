@@ -86,3 +86,12 @@ def check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=True):
                                 f"for nn.Linear), got {t.dtype}")
     M = input.numel() // K
     return M, N, K, r
+
+
+def check_lora_dtype(lora_dtype, lora_A):
+    """``lora_dtype``: None (lora_A's dtype, PEFT's rule) or a floating ``torch.dtype``."""
+    if lora_dtype is None:
+        return lora_A.dtype
+    if not isinstance(lora_dtype, torch.dtype) or lora_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lora_dtype: expected None or one of float16, bfloat16, float32, float64, got {lora_dtype!r}")
+    return lora_dtype

@@ -14,8 +14,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from ._checks import check_inputs, check_scaling
-from .backend import forced_backend
+from ._checks import check_inputs, check_lora_dtype, check_scaling
+from .backend import forced_backend, select_backend
 from .dropout import check_dropout_p, check_seed, check_seed_tensor, draw_seed, keep_params
 from .reference import acc_dtype_of
 
@@ -37,12 +37,13 @@ def _seed_tensor(seed, device):
 class LoRALinearFunction(torch.autograd.Function):
     """Fused ``y = input·weightᵀ + bias + scaling·(dropout(input)·lora_Aᵀ)·lora_Bᵀ``.
 
-    ``apply(input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None)``:
+    ``apply(input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None,
+    lora_dtype=None)``:
 
     Args:
         input: ``[..., K]``, float16 / bfloat16 / float32 / float64.
         weight: ``[N, K]`` in input's dtype. bias: ``[N]`` in input's dtype, or None.
-        lora_A: ``[r, K]``, lora_B: ``[N, r]``: any float dtype; computed in input's dtype.
+        lora_A: ``[r, K]``, lora_B: ``[N, r]``: any float dtype.
         scaling: finite float (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` for rsLoRA), or a
             one-element float tensor on input's device (read by the kernels, so changing its
             value needs no recompilation under ``torch.compile``).
@@ -50,6 +51,9 @@ class LoRALinearFunction(torch.autograd.Function):
             caller decides training vs eval).
         seed: None (drawn from the device's torch generator), an int, or an int64 one-element
             tensor on input's device (used as the 64-bit seed, two's complement).
+        lora_dtype: dtype of the LoRA matmuls' operands; None: lora_A's dtype (PEFT casts the
+            LoRA input to ``lora_A.weight.dtype``, so fp32 adapters on a bf16 model get fp32 LoRA
+            math). :func:`fastlora.lora_linear` passes the autocast dtype under autocast.
 
     Returns ``[..., N]`` in input's dtype. Gradients come back in each tensor's own dtype; dW
     and db are computed (with torch ops) only if weight / bias require grad. No autocast
@@ -57,22 +61,25 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None):
+    def forward(ctx, input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None, lora_dtype=None):
         M, N, K, r = check_inputs(input, weight, lora_A, lora_B, bias)
+        lora_dtype = check_lora_dtype(lora_dtype, lora_A)
         scaling, scale = check_scaling(scaling, input.device)
         p = check_dropout_p(dropout_p)
         seed_t = _seed_tensor(seed, input.device) if p > 0 else None
         keep_thresh, keep_scale = keep_params(p) if p > 0 else (0, 1.0)
         x = input.reshape(M, K)
         backend = forced_backend()  # "" = decided by the operator; the backward uses the same
+        if backend:
+            select_backend(input.device, input.dtype, lora_dtype)  # a forced backend that cannot compute this raises
         if M == 0:
             y = input.new_empty((M, N))
-            S = input.new_empty((0, r), dtype=acc_dtype_of(input.dtype))
+            S = input.new_empty((0, r), dtype=acc_dtype_of(input.dtype, lora_dtype))
         else:
             y, S = ops.lora_linear_fwd(x, weight, lora_A, lora_B, scaling, scale, bias, seed_t, keep_thresh,
-                                       keep_scale, backend)
+                                       keep_scale, lora_dtype, backend, "")
         ctx.save_for_backward(input, weight, lora_A, lora_B, S, seed_t, scale)
-        ctx.scaling, ctx.keep, ctx.backend = scaling, (keep_thresh, keep_scale), backend
+        ctx.scaling, ctx.keep, ctx.backend, ctx.lora_dtype = scaling, (keep_thresh, keep_scale), backend, lora_dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*input.shape[:-1], N)
 
@@ -93,7 +100,7 @@ class LoRALinearFunction(torch.autograd.Function):
             dB = torch.zeros_like(lora_B) if need_dB else None
         elif need_dx or need_dA or need_dB:
             dx, dAB = ops.lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, ctx.scaling, scale, seed_t, *ctx.keep,
-                                          need_dx, need_dA, need_dB, ctx.backend)
+                                          need_dx, need_dA, need_dB, ctx.lora_dtype, ctx.backend, "")
             n_db = N * r if need_dB else 0
             dx = dx if need_dx else None
             dB = dAB[:n_db].view(N, r).to(lora_B.dtype) if need_dB else None
@@ -105,4 +112,4 @@ class LoRALinearFunction(torch.autograd.Function):
                 db = dy.sum(0).to(ctx.bias_dtype)
         if dx is not None:
             dx = dx.view(input.shape)
-        return dx, dW, dA, dB, None, db, None, None
+        return dx, dW, dA, dB, None, db, None, None, None

@@ -61,7 +61,7 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     if seed is not None and not isinstance(seed, torch.Tensor):
         check_seed(seed)
     if not autocast:
-        return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed)
+        return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed, None)
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
@@ -69,4 +69,4 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
 
     input, weight, bias = cast(input), cast(weight), cast(bias)
     with torch.autocast(device_type, enabled=False):
-        return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed)
+        return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed, dtype)

@@ -2,9 +2,10 @@
 as opaque nodes (no graph break, fake implementations for tracing, usable under CUDA graphs).
 
 ``fastlora::lora_linear_fwd(x, weight, lora_A, lora_B, scaling, scale, bias, seed, keep_thresh,
-keep_scale) -> (y, S)`` and ``fastlora::lora_linear_bwd(...) -> (dx, dAB)`` work on 2-D
-``x [M, K]`` (M ≥ 1) and dispatch at run time to the Triton kernels (compiled or interpreted)
-or to the pure-torch path; ``fastlora.LoRALinearFunction`` wires them into autograd.
+keep_scale, lora_dtype, backend, path) -> (y, S)`` and ``fastlora::lora_linear_bwd(...) -> (dx, dAB)``
+work on 2-D ``x [M, K]`` (M ≥ 1) and dispatch at run time: to the pure-torch path or to the Triton
+kernels (compiled or interpreted, :mod:`fastlora.backend`), and there to the fused or the hybrid
+path (:mod:`fastlora.dispatch`); ``fastlora.LoRALinearFunction`` wires them into autograd.
 
 The LoRA scaling reaches the kernels as a device scalar: either the ``scale`` tensor the caller
 passes (e.g. :class:`fastlora.LoRALinear`'s buffer, so that changing it needs no recompilation)
@@ -15,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from . import reference
-from .backend import kernel_backend, kernels
+from . import dispatch, reference
+from .backend import kernels, select_backend
 from .dropout import keep_bits
 
 Tensor = torch.Tensor
@@ -43,57 +44,81 @@ def _scaling_value(scaling, scale):
     return scaling if scale is None else scale.reshape(())
 
 
-def _torch_mask(seed, M, K, keep_thresh, keep_scale, device):
+def _torch_keep(seed, M, K, keep_thresh, device):
     if seed is None:
         return None
-    return keep_bits(M, K, int(seed.item()), keep_thresh, device).to(torch.float32) * keep_scale
+    return keep_bits(M, K, int(seed.item()), keep_thresh, device)
+
+
+def _path(kind, x, weight, lora_A, lora_dtype, has_bias, seed, path, runners, extra=()):
+    """The Triton path of this call: ``path`` if given, else :func:`fastlora.dispatch.choose`."""
+    if path:
+        return path
+    key = dispatch.key_of(kind, x, weight, lora_A, lora_dtype, has_bias, seed is not None, extra)
+    return dispatch.choose(x.device, key, lora_A.shape[0], kind, runners, kernels().INTERPRETED).path
 
 
 @torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                     scale: Optional[Tensor], bias: Optional[Tensor], seed: Optional[Tensor], keep_thresh: int,
-                    keep_scale: float, backend: str) -> tuple[Tensor, Tensor]:
+                    keep_scale: float, lora_dtype: torch.dtype, backend: str, path: str) -> tuple[Tensor, Tensor]:
     """``(y [M, N] in x.dtype, S [M, r] fp32/fp64)``; ``seed`` None disables dropout; ``backend``
-    "" picks :func:`fastlora.kernel_backend`, else names the backend to use."""
-    acc = reference.acc_dtype_of(x.dtype)
-    if (backend or kernel_backend(x.device)) == "torch":
+    "" picks :func:`fastlora.backend.select_backend`, ``path`` "" picks :mod:`fastlora.dispatch`."""
+    acc = reference.acc_dtype_of(x.dtype, lora_dtype)
+    if (backend or select_backend(x.device, x.dtype, lora_dtype)[0]) == "torch":
         with torch.autocast(x.device.type, enabled=False):
-            mask = _torch_mask(seed, x.shape[0], x.shape[1], keep_thresh, keep_scale, x.device)
-            return reference.lora_forward(x, weight, lora_A, lora_B, _scaling_value(scaling, scale), bias, mask)
+            keep = _torch_keep(seed, x.shape[0], x.shape[1], keep_thresh, x.device)
+            return reference.lora_forward(x, weight, lora_A, lora_B, _scaling_value(scaling, scale), bias, keep,
+                                          keep_scale, lora_dtype)
     s = scale_tensor(scaling, scale, x.device, acc)
-    return kernels().lora_linear_fwd(x, weight, lora_A, lora_B, s, bias, seed, keep_thresh, keep_scale)
+
+    def run(p):
+        return kernels().lora_linear_fwd(x, weight, lora_A, lora_B, s, bias, seed, keep_thresh, keep_scale,
+                                         lora_dtype=lora_dtype, path=p)
+
+    path = _path("fwd", x, weight, lora_A, lora_dtype, bias is not None, seed, path,
+                 {p: functools.partial(run, p) for p in dispatch.PATHS})
+    return run(path)
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, lora_A, lora_B, scaling, scale, bias, seed, keep_thresh, keep_scale, backend):
+def _(x, weight, lora_A, lora_B, scaling, scale, bias, seed, keep_thresh, keep_scale, lora_dtype, backend, path):
     M = x.shape[0]
     return (x.new_empty((M, weight.shape[0])),
-            x.new_empty((M, lora_A.shape[0]), dtype=reference.acc_dtype_of(x.dtype)))
+            x.new_empty((M, lora_A.shape[0]), dtype=reference.acc_dtype_of(x.dtype, lora_dtype)))
 
 
 @torch.library.custom_op("fastlora::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor,
                     scaling: float, scale: Optional[Tensor], seed: Optional[Tensor], keep_thresh: int,
-                    keep_scale: float, need_dx: bool, need_dA: bool, need_dB: bool,
-                    backend: str) -> tuple[Tensor, Tensor]:
+                    keep_scale: float, need_dx: bool, need_dA: bool, need_dB: bool, lora_dtype: torch.dtype,
+                    backend: str, path: str) -> tuple[Tensor, Tensor]:
     """``(dx, dAB)``: dx in x's dtype (empty if not needed) and one flat tensor in S's dtype
     holding ``dB [N, r]`` then ``dA [r, K]`` (each only if needed; split by the caller)."""
-    if (backend or kernel_backend(x.device)) == "torch":
+    if (backend or select_backend(x.device, x.dtype, lora_dtype)[0]) == "torch":
         with torch.autocast(x.device.type, enabled=False):
-            mask = _torch_mask(seed, x.shape[0], x.shape[1], keep_thresh, keep_scale, x.device)
+            keep = _torch_keep(seed, x.shape[0], x.shape[1], keep_thresh, x.device)
             dx, dA, dB = reference.lora_backward(dy, x, weight, lora_A, lora_B, S, _scaling_value(scaling, scale),
-                                                 mask, need_dx, need_dA, need_dB, out_dtype=S.dtype)
+                                                 keep, keep_scale, need_dx, need_dA, need_dB, out_dtype=S.dtype,
+                                                 lora_dtype=lora_dtype)
         parts = [t.reshape(-1) for t in (dB, dA) if t is not None]
         dAB = torch.cat(parts) if parts else None
     else:
         s = scale_tensor(scaling, scale, x.device, S.dtype)
-        dx, dAB = kernels().lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, s, seed, keep_thresh, keep_scale,
-                                            need_dx, need_dA, need_dB)
+
+        def run(p):
+            return kernels().lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, s, seed, keep_thresh, keep_scale,
+                                             need_dx, need_dA, need_dB, lora_dtype=lora_dtype, path=p)
+
+        extra = ("dx" * need_dx + "dA" * need_dA + "dB" * need_dB,)
+        path = _path("bwd", x, weight, lora_A, lora_dtype, False, seed, path,
+                     {p: functools.partial(run, p) for p in dispatch.PATHS}, extra)
+        dx, dAB = run(path)
     return (dx if dx is not None else x.new_empty(0), dAB if dAB is not None else S.new_empty(0))
 
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, S, scaling, scale, seed, keep_thresh, keep_scale, need_dx, need_dA, need_dB,
-      backend):
+      lora_dtype, backend, path):
     n = lora_B.numel() * need_dB + lora_A.numel() * need_dA
     return x.new_empty(x.shape if need_dx else (0,)), S.new_empty((n,))

@@ -9,17 +9,20 @@ Math (PEFT layouts, ``peft/tuners/lora/layer.py``; FIELD.md §1)::
 
 :func:`lora_linear_ref` is the plain differentiable formula (autograd derives its gradients):
 run it in float64 for the oracle. :func:`lora_forward` / :func:`lora_backward` are the explicit
-two-pass form the kernels implement, with the kernels' rounding points: every matmul operand in
-the compute dtype (x's dtype; fp32/fp16/bf16 adapters are cast to it), accumulation in fp32
-(fp64 for fp64 inputs), S and dS kept in the accumulator dtype, each output rounded once. With
-float64 inputs they are exact float64 math.
+two-pass form the kernels implement, with the kernels' rounding points: the base GEMM's operands
+in the compute dtype T (x's dtype); the LoRA products' operands in the LoRA dtype L (PEFT: the
+adapters' dtype outside autocast, so fp32 adapters on a bf16 model give fp32 LoRA math; the
+autocast dtype under autocast); the dropped-out input formed as ``keep ⊙ x`` (exact) with the
+dropout scale applied to the product; accumulation in fp32 (fp64 when T or L is fp64); S and dS
+kept in the accumulation dtype; each output rounded once. With float64 inputs they are exact
+float64 math.
 """
 import torch
 
 
-def acc_dtype_of(dtype):
-    """Accumulation dtype for a compute dtype: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def acc_dtype_of(dtype, lora_dtype=None):
+    """Accumulation dtype: float64 when the compute (or LoRA) dtype is float64, else float32."""
+    return torch.float64 if torch.float64 in (dtype, lora_dtype) else torch.float32
 
 
 def lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias=None, mask=None):
@@ -34,52 +37,57 @@ def lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias=None, mask=None):
 
 
 def _in(t, dtype, acc):
-    """Round ``t`` to the compute dtype, then widen it to the accumulation dtype."""
+    """Round ``t`` to ``dtype``, then widen it to the accumulation dtype."""
     return t.to(dtype).to(acc)
 
 
-def dropped(x, mask):
-    """``m ⊙ x`` rounded to x's dtype as the kernels do (product in fp32/fp64)."""
-    if mask is None:
-        return x
-    return (x.to(acc_dtype_of(x.dtype)) * mask).to(x.dtype)
+def kept(x, keep):
+    """``keep ⊙ x`` (exact in x's dtype; a multiply, so NaN·0 = NaN as in torch's dropout)."""
+    return x if keep is None else x * keep.to(x.dtype)
 
 
-def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, mask=None):
-    """Forward of the fused op. x ``[M, K]``; mask ``[M, K]`` float or None.
+def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, keep_scale=1.0, lora_dtype=None):
+    """Forward of the fused op. x ``[M, K]``; keep ``[M, K]`` bool (dropout's kept elements) or None.
 
     Returns ``(y [M, N] in x.dtype, S [M, r] in the accumulation dtype)``.
     """
-    dtype = x.dtype
-    acc = acc_dtype_of(dtype)
-    S = dropped(x, mask).to(acc) @ _in(lora_A, dtype, acc).t()
-    y = x.to(acc) @ _in(weight, dtype, acc).t()
-    y = y + (S * scaling).to(dtype).to(acc) @ _in(lora_B, dtype, acc).t()
+    T = x.dtype
+    L = lora_dtype or T
+    acc = acc_dtype_of(T, L)
+    S = kept(x, keep).to(L).to(acc) @ _in(lora_A, L, acc).t()
+    if keep is not None:
+        S = S * keep_scale
+    y = x.to(acc) @ _in(weight, T, acc).t()
+    y = y + _in(S * scaling, L, acc) @ _in(lora_B, L, acc).t()
     if bias is not None:
-        y = y + _in(bias, dtype, acc)
-    return y.to(dtype), S
+        y = y + _in(bias, T, acc)
+    return y.to(T), S
 
 
-def lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, mask=None,
-                  need_dx=True, need_dA=True, need_dB=True, out_dtype=None):
+def lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, keep=None, keep_scale=1.0,
+                  need_dx=True, need_dA=True, need_dB=True, out_dtype=None, lora_dtype=None):
     """Backward of the fused op for dy ``[M, N]``; returns ``(dx, dA, dB)``: dx in x's dtype, dA
     and dB in the dtypes of lora_A / lora_B, or ``out_dtype`` if given (None where not requested)."""
-    dtype = x.dtype
-    acc = acc_dtype_of(dtype)
-    dyc = dy.to(dtype).to(acc)
+    T = x.dtype
+    L = lora_dtype or T
+    acc = acc_dtype_of(T, L)
+    dyL = _in(dy, L, acc)
     dx = dA = dB = None
     if need_dx or need_dA:
-        dS = scaling * (dyc @ _in(lora_B, dtype, acc))
-        dSc = _in(dS, dtype, acc)
+        dS = scaling * (dyL @ _in(lora_B, L, acc))
+        dSc = _in(dS, L, acc)
     if need_dB:
-        dB = (scaling * (dyc.t() @ _in(S, dtype, acc))).to(out_dtype or lora_B.dtype)
+        dB = (scaling * (dyL.t() @ _in(S, L, acc))).to(out_dtype or lora_B.dtype)
     if need_dx:
-        lora = dSc @ _in(lora_A, dtype, acc)
-        if mask is not None:
-            lora = lora * mask
-        dx = (lora + dyc @ _in(weight, dtype, acc)).to(dtype)
+        lora = dSc @ _in(lora_A, L, acc)
+        if keep is not None:
+            lora = lora * (keep.to(acc) * keep_scale)
+        dx = (lora + _in(dy, T, acc) @ _in(weight, T, acc)).to(T)
     if need_dA:
-        dA = (dSc.t() @ dropped(x, mask).to(acc)).to(out_dtype or lora_A.dtype)
+        dA = dSc.t() @ kept(x, keep).to(L).to(acc)
+        if keep is not None:
+            dA = dA * keep_scale
+        dA = dA.to(out_dtype or lora_A.dtype)
     return dx, dA, dB
 
 
@@ -90,7 +98,7 @@ class SeededDropout(torch.nn.Module):
     and the same sequence of calls both see the same masks.
 
     Input ``[..., K]``, any float dtype; output ``x * dropout_mask(x.shape, p, seed)`` in x's
-    dtype (rounded once, as the kernels do). Identity in eval mode or at ``p = 0``.
+    dtype (rounded once, as PEFT's dropout output is). Identity in eval mode or at ``p = 0``.
     """
 
     def __init__(self, p):
@@ -104,7 +112,7 @@ class SeededDropout(torch.nn.Module):
         from .dropout import draw_seed, dropout_mask
         seed = int(draw_seed(x.device).item())
         mask = dropout_mask(x.shape, self.p, seed, device=x.device, dtype=acc_dtype_of(x.dtype))
-        return dropped(x, mask)
+        return (x.to(mask.dtype) * mask).to(x.dtype)
 
     def extra_repr(self):
         return f"p={self.p}"

@@ -10,5 +10,6 @@ from .lora_backward import lora_linear_bwd
 from .lora_forward import _lora_shrink_kernel, lora_linear_fwd
 
 INTERPRETED = is_interpreted(_lora_shrink_kernel)
+PATHS = ("fused", "hybrid")
 
-__all__ = ["lora_linear_fwd", "lora_linear_bwd", "LAUNCH_COUNTS", "INTERPRETED", "configs"]
+__all__ = ["lora_linear_fwd", "lora_linear_bwd", "LAUNCH_COUNTS", "INTERPRETED", "PATHS", "configs"]

@@ -1,30 +1,43 @@
-"""Fused LoRA linear, backward: three launches (plus one memset in the default mode).
+"""Fused LoRA linear, backward: three launches on either path (plus one memset for the atomics).
 
-Math (FIELD.md §1), given dy : [M, N] and what the forward saved (x, S = x̃·Aᵀ, the seed)::
+Math (FIELD.md §1), given dy : [M, N] and what the forward saved (x, S = x̃·Aᵀ, the seed); L is
+the LoRA dtype (kernels/lora_forward.py), every LoRA matmul operand is rounded to it::
 
     B1  dS = s·dy·B                   [M, r]   fp32 (fp64), kept for B2 and B3
         dB = s·dyᵀ·S                  [N, r]   default mode: fp32 atomics, from the same dy tiles
-    B2  dx = dy·W + m ⊙ (dS·A)        [M, K]   compute dtype
+    B2  dx = dy·W + m ⊙ (dS·A)        [M, K]   fused path: one GEMM, rounded to T once
+        or, on the hybrid path: dx = dy·W by cuBLAS (torch.mm), and B3 adds m ⊙ (dS·A) into it
     B3  dA = dSᵀ·(m ⊙ x)              [r, K]   fp32 (fp64); deterministic mode: also dB = s·Sᵀ·dy
 
-B1 grid (cdiv(M, BLOCK_M), cdiv(r, BLOCK_R)): one pass over dy. Each program runs the whole N
-loop for its rows, so dS is complete in registers; in the default mode every dy tile also
-yields its rows' share of dBᵀ, dyᵀ·S, added with fp32 atomics into a zeroed workspace.
+B1 grid ``(cdiv(M, BLOCK_M), SPLIT, cdiv(r, BLOCK_R))``: one pass over dy. SPLIT = 1: each program
+walks the whole N for its rows, so dS is complete in registers and stored; SPLIT > 1 (small M,
+so that the grid fills the GPU): each program walks 1/SPLIT of N and adds its dS share with fp32
+atomics into a zeroed dS. In the default mode every dy tile also yields its rows' share of dBᵀ,
+dyᵀ·S, added with fp32 atomics; programs walk their N range starting at a block that depends
+on the row block, so that concurrent programs update different slices of dB.
 
-B2 grid cdiv(M, BLOCK_M)·cdiv(K, BLOCK_K), GROUP_M-grouped: the LoRA term dS·A is computed
-first (r in BLOCK_N-wide steps), the dropout mask is regenerated for the tile and applied, and
-the result seeds the accumulator of the dy·W GEMM over N (no extra pass over dx).
+B2 grid ``cdiv(M, BLOCK_M)·cdiv(K, BLOCK_K)``, GROUP_M-grouped: the tile's LoRA operands (dS
+``[BLOCK_M, r]``, A ``[r, BLOCK_K]``) are loaded before the N loop (its pipeline starts at once),
+then ``dy·W`` over N; after the loop the LoRA term ``dS·A`` (depth BLOCK_R, r padded to a power of
+two ≥ 16), the regenerated mask on it, and the sum into the accumulator: no extra pass over dx.
 
-B3 grid (column blocks, rank blocks × products, row slabs): a reduction over M of a rank-r
+B3 grid ``(column blocks, rank blocks × products, row slabs)``: a reduction over M of a rank-r
 operand times a wide one, ``acc[r, c] = Σ_m G[m, r]·V[m, c]``: G = dS, V = m ⊙ x (the mask
-regenerated) for dA; G = s·S, V = dy for dB. Default mode: dA only, SPLIT row slabs joined by
-fp32 atomics (enough programs to fill the GPU). Under ``torch.use_deterministic_algorithms(True)``:
-no atomics anywhere; B1 skips dB, B3 runs one slab and computes dA and dB (second read of dy)
-with plain stores, so every bit is reproducible (the launches also use one fixed config).
+regenerated) for dA; G = s·S, V = dy for dB. Default mode: SPLIT row slabs joined by fp32 atomics
+(enough programs to fill the GPU). On the hybrid path (``ADD_DX``) the same program also adds
+``m ⊙ (dS·A)`` into the dx tile cuBLAS wrote: one read of x, one read and write of dx, one mask
+regeneration per tile for both products (its A tile stays in registers over the M loop).
+Under ``torch.use_deterministic_algorithms(True)``: no atomics anywhere; B1 runs one split and skips
+dB, B3 runs one slab and computes dA and dB (second read of dy) with plain stores, so every bit
+is reproducible (every launch also takes one fixed config).
 
 The workspace [dB | dA] is one flat fp32 buffer: one memset serves both atomic reductions.
 Skipped on demand: B1 computes only what is asked (dS needs dx or dA), B2 runs only if the
-input needs a grad, B3 only if lora_A's grad (or, deterministically, lora_B's) is needed.
+input needs a grad, B3 only if lora_A's grad (or, deterministically, lora_B's) is needed, or on
+the hybrid path, dx's LoRA term.
+
+Memory access as in the forward: unit-stride tile dimensions stay contiguous (a transposed W is
+read along N), tails are load masks, never clamped offsets.
 """
 import torch
 import triton
@@ -32,8 +45,9 @@ import triton.language as tl
 
 from . import configs
 from .dropout import dropout_keep
+from .precision import dot_pieces, fold, split
+from .launch import cdiv, dot_precision, epilogue_lora_args, launch, stream_lora_args, tile_addressable
 from .tiling import grouped_tile
-from .launch import cdiv, dot_precision, launch, tile_addressable
 
 
 @triton.jit(do_not_specialize=["M", "M_KEY"])
@@ -41,63 +55,81 @@ def _lora_bwd_dy_kernel(
     # pointers
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, scale_ptr,
     # sizes
-    M, N, R,
+    M, N, R, N_PER_SPLIT,
     # strides
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
     stride_dsm, stride_dsr, stride_dbn, stride_dbr,
     # scalars
-    M_KEY,  # bucketed M: autotune key only
+    M_KEY,  # bucketed M: tuning key only
     # meta-parameters
-    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, ATOMIC_DS: tl.constexpr, EVEN_N: tl.constexpr,
+    LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, PIECES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    dtype = dy_ptr.dtype.element_ty
     acc_dtype = s_ptr.dtype.element_ty
     scaling = tl.load(scale_ptr).to(acc_dtype)
-    # -- program ids; int64 block bases, int32 in-block offsets --------------------------------
+    # -- program ids: (row block, N split, rank block); int64 block bases, int32 in-tile offsets -
     pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    pid_r = tl.program_id(2)
     m_start = pid_m * BLOCK_M
     r_start = pid_r * BLOCK_R
+    n_begin = pid_n * N_PER_SPLIT  # a multiple of BLOCK_N
+    n_end = tl.minimum(N, n_begin + N_PER_SPLIT)
+    n_blocks = tl.cdiv(n_end - n_begin, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     rn = tl.arange(0, BLOCK_N)
     mask_m = rm < M - m_start
     mask_r = rr < R - r_start
-    dy_ptrs = dy_ptr + tl.cast(m_start, tl.int64) * stride_dym + rm[:, None] * stride_dym + rn[None, :] * stride_dyn
-    b_ptrs = b_ptr + r_start * stride_br + rn[:, None] * stride_bn + rr[None, :] * stride_br
-    dy_step = tl.cast(stride_dyn, tl.int64) * BLOCK_N
-    b_step = tl.cast(stride_bn, tl.int64) * BLOCK_N
+    dy_ptr += tl.cast(m_start, tl.int64) * stride_dym
+    b_ptr += r_start * stride_br
+    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn
+    b_ptrs = b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br
     if COMPUTE_DB:
         # Rows past M load S = 0, so they add nothing to dB.
         s_ptrs = s_ptr + tl.cast(m_start, tl.int64) * stride_sm + r_start * stride_sr
         s = tl.load(s_ptrs + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(dtype)
-        db_ptrs = db_ptr + r_start * stride_dbr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr
-        db_step = tl.cast(stride_dbn, tl.int64) * BLOCK_N
-    # -- N loop: one read of dy feeds dS and the partial dB ------------------------------------
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        # loop-invariant: split once. dBᵀ = Sᵀ·dy keeps dy in the orientation of the dS product,
+        # so both products read the one staged copy of the dy tile (dyᵀ·S made sm_80 load it twice)
+        s0, s1, s2 = split(tl.trans(s), LORA_DTYPE, PIECES)
+        db_ptrs = db_ptr + r_start * stride_dbr + rn[None, :] * stride_dbn + rr[:, None] * stride_dbr
+    # -- N loop, from a row-block-dependent start: one read of dy feeds dS and the partial dB ---
+    first = pid_m % n_blocks
     acc_ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
-    for n0 in range(0, N, BLOCK_N):
+    acc_ds_lo = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
+    for i in range(0, n_blocks):
+        j = i + first
+        j = tl.where(j >= n_blocks, j - n_blocks, j)
+        n0 = n_begin + j * BLOCK_N
         if EVEN_N:
             mask_n = rn < BLOCK_N
         else:
-            mask_n = rn < N - n0
-        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            mask_n = rn < n_end - n0
+        dy = tl.load(dy_ptrs + tl.cast(n0, tl.int64) * stride_dyn, mask=mask_m[:, None] & mask_n[None, :],
+                     other=0.0).to(LORA_DTYPE)
         if COMPUTE_DS:
-            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-            acc_ds = tl.dot(dy, b.to(dtype), acc_ds, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+            b = tl.load(b_ptrs + tl.cast(n0, tl.int64) * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
+                        other=0.0)
+            b0, b1, b2 = split(b, LORA_DTYPE, PIECES)
+            acc_ds, acc_ds_lo = dot_pieces(dy, b0, b1, b2, acc_ds, acc_ds_lo, True, PIECES, LORA_PRECISION)
         if COMPUTE_DB:
-            part = tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION, out_dtype=acc_dtype) * scaling
-            tl.atomic_add(db_ptrs, part, mask=mask_n[:, None] & mask_r[None, :], sem="relaxed")
-            db_ptrs += db_step
-        dy_ptrs += dy_step
-        b_ptrs += b_step
-    # -- store dS -----------------------------------------------------------------------------
+            part = tl.zeros((BLOCK_R, BLOCK_N), dtype=acc_dtype)
+            part_lo = tl.zeros((BLOCK_R, BLOCK_N), dtype=acc_dtype)
+            part, part_lo = dot_pieces(dy, s0, s1, s2, part, part_lo, False, PIECES, LORA_PRECISION)
+            part = fold(part, part_lo, PIECES) * scaling
+            tl.atomic_add(db_ptrs + tl.cast(n0, tl.int64) * stride_dbn, part,
+                          mask=mask_r[:, None] & mask_n[None, :], sem="relaxed")
+    # -- store (or add) dS ----------------------------------------------------------------------
     if COMPUTE_DS:
+        acc_ds = fold(acc_ds, acc_ds_lo, PIECES)
         ds_ptrs = ds_ptr + tl.cast(m_start, tl.int64) * stride_dsm + r_start * stride_dsr
         ds_ptrs += rm[:, None] * stride_dsm + rr[None, :] * stride_dsr
-        tl.store(ds_ptrs, acc_ds * scaling, mask=mask_m[:, None] & mask_r[None, :])
+        if ATOMIC_DS:
+            tl.atomic_add(ds_ptrs, acc_ds * scaling, mask=mask_m[:, None] & mask_r[None, :], sem="relaxed")
+        else:
+            tl.store(ds_ptrs, acc_ds * scaling, mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "M_KEY"])
@@ -111,79 +143,90 @@ def _lora_bwd_dx_kernel(
     stride_ar, stride_ak, stride_dxm, stride_dxk,
     # scalars
     keep_thresh, keep_scale,
-    M_KEY,  # bucketed M: autotune key only
+    M_KEY,  # bucketed M: tuning key only
     # meta-parameters
     HAS_DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    EPI_DTYPE: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    dtype = dy_ptr.dtype.element_ty
     acc_dtype = ds_ptr.dtype.element_ty
     # -- program id -> (pid_m, pid_k), GROUP_M row-blocks share a band of W in L2 --------------
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     m_start = pid_m * BLOCK_M
     k_start = pid_k * BLOCK_K
-    # -- offsets: rows past M / columns past K are clamped (read, never stored); only the N and
-    # r tails need load masks ------------------------------------------------------------------
-    rm = tl.minimum(tl.arange(0, BLOCK_M), M - 1 - m_start)
-    rk = tl.minimum(tl.arange(0, BLOCK_K), K - 1 - k_start)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
     rn = tl.arange(0, BLOCK_N)
+    mask_m = rm < M - m_start
+    mask_k = rk < K - k_start
     dy_ptr += tl.cast(m_start, tl.int64) * stride_dym
     ds_ptr += tl.cast(m_start, tl.int64) * stride_dsm
     w_ptr += tl.cast(k_start, tl.int64) * stride_wk
     a_ptr += tl.cast(k_start, tl.int64) * stride_ak
 
-    # -- LoRA term m ⊙ (dS·A) seeds the accumulator -------------------------------------------
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_dtype)
-    ds_ptrs = ds_ptr + rm[:, None] * stride_dsm + rn[None, :] * stride_dsr
-    a_ptrs = a_ptr + rn[:, None] * stride_ar + rk[None, :] * stride_ak
-    for r0 in range(0, R, BLOCK_N):
-        mask_r = rn < R - r0
-        ds = tl.load(ds_ptrs, mask=mask_r[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=mask_r[:, None], other=0.0)
-        acc = tl.dot(ds.to(dtype), a.to(dtype), acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-        ds_ptrs += stride_dsr * BLOCK_N
-        a_ptrs += stride_ar * BLOCK_N
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        keep = dropout_keep(seed, m_start + tl.arange(0, BLOCK_M), k_start, keep_thresh, BLOCK_M, BLOCK_K)
-        acc = acc * tl.where(keep, keep_scale, 0.0)  # a multiply, as torch's dropout: NaN·0 = NaN
+    # -- LoRA operands of the tile, loaded now and used after the N loop -----------------------
+    rr = tl.arange(0, BLOCK_R)
+    ds_ptrs = ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr
+    a_ptrs = a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak
+    ds = tl.load(ds_ptrs, mask=mask_m[:, None] & (rr < R)[None, :], other=0.0)
+    a = tl.load(a_ptrs, mask=(rr < R)[:, None] & mask_k[None, :], other=0.0)
 
-    # -- base GEMM over N: acc += dy·W ----------------------------------------------------------
+    # -- base GEMM over N: acc = dy·W -----------------------------------------------------------
     dy_ptrs = dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn
     w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk
     dy_step = tl.cast(stride_dyn, tl.int64) * BLOCK_N
     w_step = tl.cast(stride_wn, tl.int64) * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=acc_dtype)
     for n0 in range(0, N, BLOCK_N):
         if EVEN_N:
-            dy = tl.load(dy_ptrs)
-            w = tl.load(w_ptrs)
+            dy = tl.load(dy_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[None, :], other=0.0)
         else:
             mask_n = rn < N - n0
-            dy = tl.load(dy_ptrs, mask=mask_n[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+            dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         dy_ptrs += dy_step
         w_ptrs += w_step
 
+    # -- LoRA term m ⊙ (dS·A), r in BLOCK_R-deep steps -------------------------------------------
+    lora = tl.dot(ds.to(EPI_DTYPE), a.to(EPI_DTYPE), input_precision=EPI_PRECISION, out_dtype=acc_dtype)
+    for r0 in range(BLOCK_R, R, BLOCK_R):
+        mask_r = rr < R - r0
+        ds = tl.load(ds_ptrs + r0 * stride_dsr, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        a = tl.load(a_ptrs + r0 * stride_ar, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        lora = tl.dot(ds.to(EPI_DTYPE), a.to(EPI_DTYPE), lora, input_precision=EPI_PRECISION,
+                      out_dtype=acc_dtype)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        keep = dropout_keep(seed, m_start + rm, k_start, keep_thresh, BLOCK_M, BLOCK_K)
+        lora = lora * tl.where(keep, keep_scale, 0.0)  # a multiply, as torch's dropout: NaN·0 = NaN
+    acc += lora
+
     # -- epilogue: cast, masked store -----------------------------------------------------------
-    cm = tl.arange(0, BLOCK_M)
-    ck = tl.arange(0, BLOCK_K)
     dx_ptrs = dx_ptr + tl.cast(m_start, tl.int64) * stride_dxm + tl.cast(k_start, tl.int64) * stride_dxk
-    dx_ptrs += cm[:, None] * stride_dxm + ck[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty),
-             mask=(cm < M - m_start)[:, None] & (ck < K - k_start)[None, :])
+    dx_ptrs += rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 @triton.jit
-def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, C, R,
+def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, C, R,
                  stride_gm, stride_gr, stride_vm, stride_vc, stride_or, stride_oc,
+                 stride_ar, stride_ak, stride_dxm, stride_dxk,
                  keep_thresh, keep_scale, pid_c, pid_r, m_begin, m_end,
-                 HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_R: tl.constexpr):
-    """out[r, c] (+)= scale · Σ_{m in [m_begin, m_end)} G[m, r]·(mask ⊙ V)[m, c] for one
-    [BLOCK_R, BLOCK_K] tile; G is fp32/fp64, V the compute dtype, out G's dtype."""
-    dtype = v_ptr.dtype.element_ty
+                 REDUCE: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
+                 ADD_DX: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
+                 PIECES: tl.constexpr, EPI_DTYPE: tl.constexpr, EPI_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``out[r, c] (+)= scale · Σ_{m in [m_begin, m_end)} G[m, r]·(mask ⊙ V)[m, c]`` for one
+    ``[BLOCK_R, BLOCK_K]`` tile (G in the accumulator dtype, V in the compute dtype, operands
+    rounded to LORA_DTYPE). With ADD_DX it is accumulated transposed, ``outᵀ = Vᵀ·G``: G then
+    enters both this product and dx's ``G·A`` untransposed and its one staged copy serves both
+    (a transposed second use made the pipeliner load it again, synchronously, in the SASS);
+    without, ``Gᵀ·V`` (Vᵀ as an mma.sync A operand is reloaded synchronously on sm_80). With ``ADD_DX`` (hybrid path; BLOCK_R covers all of r) also
+    ``dx[m, c] += mask ⊙ (G·A)[m, c]`` on the same rows and columns, with the same mask;
+    ``REDUCE=False`` skips the reduction (dx's term only)."""
     acc_dtype = g_ptr.dtype.element_ty
     c_start = pid_c * BLOCK_K
     r_start = pid_r * BLOCK_R
@@ -198,45 +241,83 @@ def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, C, R,
     v_ptrs += rm[:, None] * stride_vm + rc[None, :] * stride_vc
     g_step = tl.cast(stride_gm, tl.int64) * BLOCK_M
     v_step = tl.cast(stride_vm, tl.int64) * BLOCK_M
+    if ADD_DX:
+        a = tl.load(a_ptr + tl.cast(c_start, tl.int64) * stride_ak + rr[:, None] * stride_ar + rc[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(EPI_DTYPE)
+        dx_ptrs = dx_ptr + tl.cast(m_begin, tl.int64) * stride_dxm + tl.cast(c_start, tl.int64) * stride_dxk
+        dx_ptrs += rm[:, None] * stride_dxm + rc[None, :] * stride_dxk
+        dx_step = tl.cast(stride_dxm, tl.int64) * BLOCK_M
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=acc_dtype)
+    if ADD_DX:
+        acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=acc_dtype)
+        acc_lo = tl.zeros((BLOCK_K, BLOCK_R), dtype=acc_dtype)
+    else:
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=acc_dtype)
+        acc_lo = tl.zeros((BLOCK_R, BLOCK_K), dtype=acc_dtype)
     for m0 in range(m_begin, m_end, BLOCK_M):
         mask_m = rm < m_end - m0
         g = tl.load(g_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, m0 + rm, c_start, keep_thresh, BLOCK_M, BLOCK_K)
-            v = (v * tl.where(keep, keep_scale, 0.0)).to(dtype)  # multiply (NaN·0 = NaN, as torch)
-        acc = tl.dot(tl.trans(g.to(dtype)), v, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+        if REDUCE:
+            if HAS_DROPOUT:
+                v = v * keep.to(v.dtype)  # exact; a multiply, so NaN·0 = NaN as in torch's dropout
+            if ADD_DX:
+                g0, g1, g2 = split(g, LORA_DTYPE, PIECES)
+                acc, acc_lo = dot_pieces(tl.trans(v.to(LORA_DTYPE)), g0, g1, g2, acc, acc_lo, True, PIECES,
+                                         LORA_PRECISION)
+            else:
+                g0, g1, g2 = split(tl.trans(g), LORA_DTYPE, PIECES)
+                acc, acc_lo = dot_pieces(v.to(LORA_DTYPE), g0, g1, g2, acc, acc_lo, False, PIECES, LORA_PRECISION)
+        if ADD_DX:
+            d = tl.dot(g.to(EPI_DTYPE), a, input_precision=EPI_PRECISION, out_dtype=acc_dtype)
+            if HAS_DROPOUT:
+                d = d * tl.where(keep, keep_scale, 0.0)  # a multiply: NaN·0 = NaN
+            dx_mask = mask_m[:, None] & mask_c[None, :]
+            dx = tl.load(dx_ptrs, mask=dx_mask, other=0.0)
+            tl.store(dx_ptrs, (dx.to(acc_dtype) + d).to(dx_ptr.dtype.element_ty), mask=dx_mask)
+            dx_ptrs += dx_step
         g_ptrs += g_step
         v_ptrs += v_step
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr).to(acc_dtype)
-    out_ptrs = out_ptr + r_start * stride_or + tl.cast(c_start, tl.int64) * stride_oc
-    out_ptrs += rr[:, None] * stride_or + rc[None, :] * stride_oc
-    out_mask = mask_r[:, None] & mask_c[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc, mask=out_mask)
+    if REDUCE:
+        acc = fold(acc, acc_lo, PIECES)
+        if HAS_DROPOUT:
+            acc = acc * keep_scale
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr).to(acc_dtype)
+        out_ptrs = out_ptr + r_start * stride_or + tl.cast(c_start, tl.int64) * stride_oc
+        if ADD_DX:
+            out_ptrs += rc[:, None] * stride_oc + rr[None, :] * stride_or
+            out_mask = mask_c[:, None] & mask_r[None, :]
+        else:
+            out_ptrs += rr[:, None] * stride_or + rc[None, :] * stride_oc
+            out_mask = mask_r[:, None] & mask_c[None, :]
+        if ATOMIC:
+            tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+        else:
+            tl.store(out_ptrs, acc, mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["M", "M_KEY"])
 def _lora_bwd_da_kernel(
     # pointers
-    ds_ptr, x_ptr, da_ptr, seed_ptr, s_ptr, dy_ptr, db_ptr, scale_ptr,
+    ds_ptr, x_ptr, da_ptr, seed_ptr, s_ptr, dy_ptr, db_ptr, scale_ptr, a_ptr, dx_ptr,
     # sizes
     M, N, K, R,
     # strides
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
     stride_sm, stride_sr, stride_dym, stride_dyn, stride_dbn, stride_dbr,
+    stride_ar, stride_ak, stride_dxm, stride_dxk,
     # scalars
     keep_thresh, keep_scale,
-    M_KEY,  # bucketed M: autotune key only
+    M_KEY,  # bucketed M: tuning key only
     # meta-parameters
-    DO_DA: tl.constexpr, DO_DB: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DO_DA: tl.constexpr, DO_DB: tl.constexpr, ADD_DX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ATOMIC: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, PIECES: tl.constexpr,
+    EPI_DTYPE: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # -- program ids: (column block, rank block × product, row slab) -------------------------
     pid_c = tl.program_id(0)
@@ -245,60 +326,56 @@ def _lora_bwd_da_kernel(
     n_rb = tl.cdiv(R, BLOCK_R)
     pid_r = pid_1 % n_rb
     if DO_DA and DO_DB:
-        which = pid_1 // n_rb  # 0: dA, 1: dB
-    elif DO_DA:
+        which = pid_1 // n_rb  # 0: dA (and dx), 1: dB
+    elif DO_DA or ADD_DX:
         which = 0
     else:
         which = 1
     blocks_per_slab = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(2))
     m_begin = pid_s * blocks_per_slab * BLOCK_M
-    m_end = min(M, m_begin + blocks_per_slab * BLOCK_M)
+    m_end = tl.minimum(M, m_begin + blocks_per_slab * BLOCK_M)
     if which == 0:
-        # dA[r, k] = Σ_m dS[m, r]·(m ⊙ x)[m, k]
+        # dA[r, k] = Σ_m dS[m, r]·(m ⊙ x)[m, k]  (+ dx[m, k] += m ⊙ (dS·A)[m, k] on the hybrid path)
         if pid_c * BLOCK_K < K:
-            _rank_reduce(ds_ptr, x_ptr, da_ptr, seed_ptr, scale_ptr, K, R,
+            _rank_reduce(ds_ptr, x_ptr, da_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, K, R,
                          stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
+                         stride_ar, stride_ak, stride_dxm, stride_dxk,
                          keep_thresh, keep_scale, pid_c, pid_r, m_begin, m_end,
-                         HAS_DROPOUT, False, ATOMIC, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+                         DO_DA, HAS_DROPOUT, False, ATOMIC, ADD_DX, LORA_DTYPE, LORA_PRECISION, PIECES, EPI_DTYPE,
+                         EPI_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
     else:
         # dBᵀ[r, n] = s·Σ_m S[m, r]·dy[m, n], stored through dB's transposed strides
         if pid_c * BLOCK_K < N:
-            _rank_reduce(s_ptr, dy_ptr, db_ptr, seed_ptr, scale_ptr, N, R,
+            _rank_reduce(s_ptr, dy_ptr, db_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, N, R,
                          stride_sm, stride_sr, stride_dym, stride_dyn, stride_dbr, stride_dbn,
+                         stride_ar, stride_ak, stride_dxm, stride_dxk,
                          keep_thresh, keep_scale, pid_c, pid_r, m_begin, m_end,
-                         False, True, ATOMIC, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
+                         True, False, True, ATOMIC, False, LORA_DTYPE, LORA_PRECISION, PIECES, EPI_DTYPE,
+                         EPI_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
-def _slab_count(M, C, R, meta, block_r, products, device):
-    """B3 row slabs: enough programs to fill the GPU (~2 per SM), never more than row blocks."""
-    if device.type == "cuda":
-        programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # the interpreter: a few slabs, so that tests exercise the cross-slab atomics
-        programs_wanted = 4
-    tiles = cdiv(C, meta["BLOCK_K"]) * cdiv(R, block_r) * products
-    return max(1, min(cdiv(programs_wanted, tiles), cdiv(M, meta["BLOCK_M"])))
-
-
 def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thresh=0, keep_scale=1.0,
-                    need_dx=True, need_dA=True, need_dB=True):
+                    need_dx=True, need_dA=True, need_dB=True, lora_dtype=None, path="fused"):
     """Launch B1-B3 for what is needed. Inputs must already be validated.
 
     Args:
-        dy: ``[M, N]`` (M ≥ 1, any strides, stride 0 allowed), x's dtype.
-        x, weight, lora_A, lora_B, scale, seed, keep_thresh, keep_scale: as in the forward.
-        S: ``[M, r]`` saved by the forward (fp32; fp64 for fp64 x).
+        dy: ``[M, N]`` (M ≥ 1, any strides, stride 0 allowed), x's dtype T.
+        x, weight, lora_A, lora_B, scale, seed, keep_thresh, keep_scale, lora_dtype: as in the forward.
+        S: ``[M, r]`` saved by the forward (fp32; fp64 for fp64).
+        path: ``"fused"`` (B1, B2, B3) or ``"hybrid"`` (B1, cuBLAS ``dy·W``, B3 adding dx's LoRA term).
 
     Returns:
-        ``(dx, dAB)``: dx ``[M, K]`` in x.dtype (None if not needed); dAB, one flat tensor in S's
-        dtype holding ``dB [N, r]`` (if need_dB) followed by ``dA [r, K]`` (if need_dA), or None.
+        ``(dx, dAB)``: dx ``[M, K]`` in T (None if not needed); dAB, one flat tensor in S's dtype
+        holding ``dB [N, r]`` (if need_dB) followed by ``dA [r, K]`` (if need_dA), or None.
 
     Default mode: dB and dA are reduced over M with fp32 atomics (bits may differ between runs).
     Under ``torch.use_deterministic_algorithms(True)`` no atomics are used and every launch
     takes one fixed config, so results are bitwise reproducible across runs and processes.
     """
+    lora_dtype = lora_dtype or x.dtype
     dy, x, weight, lora_A, lora_B = (tile_addressable(t, n) for t, n in
                                      ((dy, "grad_output"), (x, "input"), (weight, "weight"), (lora_A, "lora_A"),
                                       (lora_B, "lora_B")))
@@ -306,13 +383,17 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
     K, R = x.shape[1], lora_A.shape[0]
     device, itemsize = x.device, x.element_size()
     acc_dtype = S.dtype
-    precision = dot_precision(x.dtype)
     block_r = configs.block_r(R)
     mk = configs.m_key(M)
     deterministic = torch.are_deterministic_algorithms_enabled()
     need_ds = need_dx or need_dA
     has_dropout = seed is not None
+    hybrid = path == "hybrid"
+    if hybrid and R > configs.MAX_FULL_RANK:
+        raise ValueError(f"path: the hybrid backward needs r <= {configs.MAX_FULL_RANK}, got r = {R}")
     dummy = S.new_empty(1)  # stands in for pointers a launch does not use (never a live tensor)
+    stream = stream_lora_args(x.dtype, lora_dtype)
+    epi = epilogue_lora_args(x.dtype, lora_dtype)
 
     # -- workspace [dB | dA]: zeroed for the atomics, or written by plain stores ---------------
     n_db, n_da = N * R * need_dB, R * K * need_dA
@@ -321,69 +402,83 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
         dAB = (torch.empty if deterministic else torch.zeros)(n_db + n_da, device=device, dtype=acc_dtype)
     dB_acc = dAB[:n_db].view(N, R) if need_dB else dummy.view(1, 1)
     dA_acc = dAB[n_db:].view(R, K) if need_dA else dummy.view(1, 1)
-    dS = torch.empty((M, R), device=device, dtype=acc_dtype) if need_ds else dummy.view(1, 1)
     b1_db = need_dB and not deterministic
 
     # -- B1: dS (and, with atomics, dB) from one read of dy -----------------------------------
+    dS = dummy.view(1, 1)
     if need_ds or b1_db:
-        launch(
-            "bwd_dy", _lora_bwd_dy_kernel,
-            lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(R, block_r)), device, itemsize, fixed=deterministic,
-            dy_ptr=dy, b_ptr=lora_B, s_ptr=S, ds_ptr=dS, db_ptr=dB_acc if b1_db else dummy, scale_ptr=scale,
-            M=M, N=N, R=R,
-            stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
-            stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
-            stride_sm=S.stride(0), stride_sr=S.stride(1),
-            stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
-            stride_dbn=dB_acc.stride(0), stride_dbr=dB_acc.stride(1),
-            M_KEY=mk,
-            COMPUTE_DS=need_ds, COMPUTE_DB=b1_db, DOT_PRECISION=precision, BLOCK_R=block_r,
-        )
+        def b1_outputs(meta, trial):
+            ds = dummy.view(1, 1)
+            if need_ds:
+                ds = (torch.zeros if meta["SPLIT"] > 1 else torch.empty)((M, R), device=device, dtype=acc_dtype)
+            return dict(ds_ptr=ds, db_ptr=(torch.zeros_like(dB_acc) if trial else dB_acc) if b1_db else dummy)
 
-    # -- B2: dx = dy·W + m ⊙ (dS·A) ------------------------------------------------------------
+        _, outs = launch(
+            "bwd_dy", _lora_bwd_dy_kernel,
+            lambda a: (cdiv(M, a["BLOCK_M"]), a["SPLIT"], cdiv(R, block_r)), device, itemsize,
+            dict(dy_ptr=dy, b_ptr=lora_B, s_ptr=S, scale_ptr=scale,
+                 M=M, N=N, R=R,
+                 stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
+                 stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
+                 stride_sm=S.stride(0), stride_sr=S.stride(1),
+                 stride_dsm=R if need_ds else 1, stride_dsr=1,
+                 stride_dbn=dB_acc.stride(0), stride_dbr=dB_acc.stride(1),
+                 M_KEY=mk, COMPUTE_DS=need_ds, COMPUTE_DB=b1_db, BLOCK_R=block_r, DETERMINISTIC=deterministic,
+                 **stream),
+            b1_outputs, fixed=deterministic)
+        dS = outs["ds_ptr"]
+
+    # -- B2: dx = dy·W + m ⊙ (dS·A) (fused), or dx = dy·W by cuBLAS (hybrid) -------------------
     dx = None
-    if need_dx:
+    if need_dx and hybrid:
+        dx = torch.mm(dy, weight)
+    elif need_dx:
         dx = torch.empty((M, K), device=device, dtype=x.dtype)
         launch(
             "bwd_dx", _lora_bwd_dx_kernel,
-            lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),), device, itemsize,
-            fixed=deterministic,
-            dy_ptr=dy, w_ptr=weight, ds_ptr=dS, a_ptr=lora_A, dx_ptr=dx, seed_ptr=seed if has_dropout else dummy,
-            M=M, N=N, K=K, R=R,
-            stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
-            stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-            stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
-            stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
-            stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
-            keep_thresh=keep_thresh, keep_scale=keep_scale, M_KEY=mk,
-            HAS_DROPOUT=has_dropout, DOT_PRECISION=precision,
-        )
+            lambda a: (cdiv(M, a["BLOCK_M"]) * cdiv(K, a["BLOCK_K"]),), device, itemsize,
+            dict(dy_ptr=dy, w_ptr=weight, ds_ptr=dS, a_ptr=lora_A, seed_ptr=seed if has_dropout else dummy,
+                 M=M, N=N, K=K, R=R,
+                 stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
+                 stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+                 stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
+                 stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+                 stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
+                 keep_thresh=keep_thresh, keep_scale=keep_scale, M_KEY=mk,
+                 HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=configs.GEMM_BLOCK_R,
+                 **epi),
+            lambda meta, trial: dict(dx_ptr=torch.empty_like(dx) if trial else dx), fixed=deterministic)
 
-    # -- B3: dA = dSᵀ·(m ⊙ x), and deterministically dB = s·(Sᵀ·dy)ᵀ ---------------------------
+    # -- B3: dA = dSᵀ·(m ⊙ x) (+ dx's LoRA term on the hybrid path); deterministically dB too ----
     b3_db = need_dB and deterministic
-    if need_dA or b3_db:
-        products = int(need_dA) + int(b3_db)
-        widest = max(K if need_dA else 0, N if b3_db else 0)
-        if deterministic:
-            grid = lambda meta: (cdiv(widest, meta["BLOCK_K"]), cdiv(R, block_r) * products, 1)  # noqa: E731
-        else:
-            grid = lambda meta: (cdiv(widest, meta["BLOCK_K"]), cdiv(R, block_r) * products,  # noqa: E731
-                                 _slab_count(M, widest, R, meta, block_r, products, device))
+    add_dx = need_dx and hybrid
+    if need_dA or b3_db or add_dx:
+        products = int(need_dA or add_dx) + int(b3_db)
+        widest = max(K if (need_dA or add_dx) else 0, N if b3_db else 0)
+        r_block = block_r  # on the hybrid path one block covers all of r (R ≤ MAX_FULL_RANK, checked above)
+        dx_arg = dx if add_dx else dummy.view(1, 1)
+
+        def b3_outputs(meta, trial):
+            return dict(da_ptr=(torch.zeros_like(dA_acc) if trial else dA_acc) if need_dA else dummy,
+                        db_ptr=(torch.zeros_like(dB_acc) if trial else dB_acc) if b3_db else dummy,
+                        dx_ptr=dx_arg.clone() if trial and add_dx else dx_arg)
+
         launch(
-            "bwd_da", _lora_bwd_da_kernel, grid, device, itemsize, fixed=deterministic,
-            # only what this launch writes is passed live: the autotuner zeroes da_ptr and db_ptr
-            # between trials, and dB may already hold B1's atomics
-            ds_ptr=dS, x_ptr=x, da_ptr=dA_acc if need_dA else dummy, seed_ptr=seed if has_dropout else dummy,
-            s_ptr=S, dy_ptr=dy, db_ptr=dB_acc if b3_db else dummy, scale_ptr=scale,
-            M=M, N=N, K=K, R=R,
-            stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
-            stride_xm=x.stride(0), stride_xk=x.stride(1),
-            stride_dar=dA_acc.stride(0), stride_dak=dA_acc.stride(1),
-            stride_sm=S.stride(0), stride_sr=S.stride(1),
-            stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
-            stride_dbn=dB_acc.stride(0), stride_dbr=dB_acc.stride(1),
-            keep_thresh=keep_thresh, keep_scale=keep_scale, M_KEY=mk,
-            DO_DA=need_dA, DO_DB=b3_db, HAS_DROPOUT=has_dropout, ATOMIC=not deterministic,
-            DOT_PRECISION=precision, BLOCK_R=block_r,
-        )
+            "bwd_da", _lora_bwd_da_kernel,
+            lambda a: (cdiv(widest, a["BLOCK_K"]), cdiv(R, r_block) * products, a["SPLIT"]), device, itemsize,
+            dict(ds_ptr=dS, x_ptr=x, seed_ptr=seed if has_dropout else dummy, s_ptr=S, dy_ptr=dy,
+                 scale_ptr=scale, a_ptr=lora_A,
+                 M=M, N=N, K=K, R=R,
+                 stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
+                 stride_xm=x.stride(0), stride_xk=x.stride(1),
+                 stride_dar=dA_acc.stride(0), stride_dak=dA_acc.stride(1),
+                 stride_sm=S.stride(0), stride_sr=S.stride(1),
+                 stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
+                 stride_dbn=dB_acc.stride(0), stride_dbr=dB_acc.stride(1),
+                 stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+                 stride_dxm=dx_arg.stride(0), stride_dxk=dx_arg.stride(1),
+                 keep_thresh=keep_thresh, keep_scale=keep_scale, M_KEY=mk,
+                 DO_DA=need_dA, DO_DB=b3_db, ADD_DX=add_dx, HAS_DROPOUT=has_dropout, BLOCK_R=r_block,
+                 DETERMINISTIC=deterministic, WIDEST=widest, PRODUCTS=products, **stream, **epi),
+            b3_outputs, fixed=deterministic)
     return dx, dAB

@@ -1,9 +1,18 @@
-"""Compile-only checks of every shipped kernel config, for sm_80, sm_86, sm_90 and sm_120, on the CPU.
+"""Compile-time performance gates: every shipped kernel config, compiled for sm_80, sm_86, sm_90
+and sm_120 on the CPU, read in its SASS.
 
-No GPU needed (FIELD.md §4): ``bench/kernel_resources.py`` compiles each config in its heaviest
-and its lightest variant for each architecture and dtype; this test asserts zero register spills (``ptxas -v``),
-shared memory within the architecture's per-block limit, and tensor-core instructions for
-16-bit operands (``wgmma`` for the GEMM kernels on sm_90).
+No GPU needed (FIELD.md §4): ``bench/kernel_resources.py`` compiles each config in each of its
+variants (heavy, even, transposed weight, hybrid dA pass) for each architecture and dtype, and
+counts what the machine code does. The gates, per compiled kernel:
+
+* no register spills, shared memory within the architecture's per-block limit, at least the CTAs
+  per SM its config row is meant for (in the "even" variant, the common bf16/fp16 case);
+* at most 2 scalar 8/16-bit global loads (epilogue scalars such as a bias element): a tile that
+  lost its contiguity shows up as dozens;
+* kernels that stream operands through a loop: the loop copies asynchronously (``LDGSTS`` or
+  ``UTMALDG``), and holds no synchronous global load, except the hybrid dA pass's
+  read-modify-write of dx (which feeds no MMA): at most its dx and dS tiles' 16-byte vectors;
+* tensor-core instructions for 16-bit operands, ``wgmma`` for the sm_90 GEMMs.
 
 The compiler runs in a subprocess without TRITON_INTERPRET: kernels decorated for the
 interpreter (as this test session's are, on a machine without a GPU) cannot be compiled.
@@ -19,8 +28,9 @@ pytest.importorskip("triton")
 
 ARCHES = (80, 86, 90, 120)
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
-KERNELS = ("shrink", "fwd", "bwd_dy", "bwd_dx", "bwd_da")
+KERNELS = ("shrink", "fwd", "expand", "bwd_dy", "bwd_dx", "bwd_da")
 GEMM_KERNELS = ("fwd", "bwd_dx")
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,23 +48,63 @@ def resources(tmp_path_factory):
         return list(csv.DictReader(f))
 
 
+def _rmw_allowance(r):
+    """16-byte vectors of the hybrid dA pass's dx tile (read, then written) and dS tile per thread."""
+    meta = dict(kv.split("=") for kv in r["config"].split())
+    from bench.kernel_resources import KERNELS as VARIANTS
+    block_r = VARIANTS["bwd_da"][4][r["variant"]][0]["BLOCK_R"]
+    threads = 32 * int(r["num_warps"])
+    bm, bk = int(meta["BLOCK_M"]), int(meta["BLOCK_K"])
+    vec = lambda nbytes: -(-nbytes // (16 * threads))  # noqa: E731
+    return vec(bm * bk * ITEMSIZE[r["dtype"]]) + vec(bm * block_r * (8 if r["dtype"] == "fp64" else 4))
+
+
 @pytest.mark.compile_only
 @pytest.mark.parametrize("arch", ARCHES, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_every_shipped_config_compiles_without_spills(resources, kernel, arch):
+def test_every_shipped_config_passes_the_sass_gates(resources, kernel, arch):
+    from bench.kernel_resources import KERNELS as VARIANTS, family
     from fastlora.kernels import configs
     rows = [r for r in resources if r["kernel"] == kernel and int(r["arch"]) == arch]
-    fam = configs.arch_of((arch // 10, arch % 10))
-    for dtype in ("bf16", "fp32"):  # every config of the 2- and 4-byte lists, both variants
-        n_cfg = len(configs.configs_for(kernel, fam, {"bf16": 2, "fp32": 4}[dtype]))
-        got = [r for r in rows if r["dtype"] == dtype]
-        assert n_cfg and len(got) == 2 * n_cfg, f"{kernel} sm_{arch} {dtype}: {len(got)} of {2 * n_cfg} compiled"
+    fam = family(arch)
+    for dtype in ("bf16", "fp32"):  # every config of the 2- and 4-byte lists, every variant
+        for variant, (meta, *_) in VARIANTS[kernel][4].items():
+            n_cfg = len(configs.configs_for(kernel, fam, ITEMSIZE[dtype], meta["BLOCK_R"], meta.get("ADD_DX", False)))
+            got = [r for r in rows if r["dtype"] == dtype and r["variant"] == variant]
+            assert n_cfg and len(got) == n_cfg, f"{kernel} sm_{arch} {dtype} {variant}: {len(got)} of {n_cfg} compiled"
     for r in rows:
         where = f"{kernel} sm_{arch} {r['dtype']} {r['variant']} {r['config']} w{r['num_warps']} s{r['num_stages']}"
         assert int(r["spill_stores"]) == 0 and int(r["spill_loads"]) == 0, \
             f"{where}: spills {r['spill_stores']}/{r['spill_loads']} B"
         assert int(r["shared"]) <= int(r["shared_limit"]), f"{where}: {r['shared']} B of shared memory"
+        want = int(r["intended_ctas"]) if r["variant"] == "even" and r["dtype"] in ("bf16", "fp16") else 1
+        assert int(r["ctas_per_sm"]) >= want, f"{where}: {r['ctas_per_sm']} CTAs/SM, the config is meant for {want}"
+        assert int(r["scalar_loads"]) <= 2, f"{where}: {r['scalar_loads']} scalar 8/16-bit global loads"
+        if int(r["streamed"]):
+            assert int(r["loop_async_copies"]) > 0, f"{where}: the main loop copies nothing asynchronously"
+            allowed = _rmw_allowance(r) if r["variant"].startswith("hybrid") else 0
+            assert int(r["loop_sync_loads"]) <= allowed, \
+                f"{where}: {r['loop_sync_loads']} synchronous global loads in a loop (allowed {allowed})"
         if r["dtype"] in ("bf16", "fp16"):
-            assert r["wgmma"] == "True" or r["mma_sync"] == "True", f"{where}: no tensor-core instruction"
+            assert int(r["wgmma"]) + int(r["mma"]) > 0, f"{where}: no tensor-core instruction"
             if arch == 90 and kernel in GEMM_KERNELS:  # wgmma is Hopper's; sm_120 has mma only
-                assert r["wgmma"] == "True", f"{where}: Hopper GEMM without wgmma"
+                assert int(r["wgmma"]) > 0, f"{where}: Hopper GEMM without wgmma"
+
+
+def test_sass_parser_finds_loops_and_counts_loads():
+    """The counters the gates rely on, on a hand-written SASS excerpt (cuobjdump's format)."""
+    from bench.kernel_resources import sass_counts
+    sass = """
+        /*0000*/                   LDG.E.U16 R2, desc[UR4][R2.64] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R6.64] ;
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R8.64], P0 ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ ;
+        /*0040*/                   LDG.E.64 R10, desc[UR4][R12.64] ;
+        /*0050*/              @!P1 BRA 0x20 ;
+        /*0060*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+    """
+    c = sass_counts(sass)
+    assert c == dict(scalar_loads=1, loop_sync_loads=1, async_copies=1, loop_async_copies=1, tma_loads=0,
+                     wgmma=1, mma=1), c

@@ -99,7 +99,9 @@ def _compile_case(backend, device, compiler):
         y_new = compiled(x)
         assert _graphs() == graphs, "recompiled after new data, an adapter swap or a new scaling"
         torch.manual_seed(3)
-        torch.testing.assert_close(y_new, model(x), rtol=1e-5, atol=1e-5)
+        # inductor's gelu rounds differently from eager's (max |diff| 3e-5..7e-5 measured on this
+        # model, before and after a new alpha): the fp32 tolerance of the comparisons above
+        assert_close("y (new alpha)", y_new, model(x).double(), torch.float32, 48, backend)
 
 
 # ------------------------------------------------------------------------------------------
