@@ -95,3 +95,12 @@ def check_lora_dtype(lora_dtype, lora_A):
     if not isinstance(lora_dtype, torch.dtype) or lora_dtype not in FLOAT_DTYPES:
         raise TypeError(f"lora_dtype: expected None or one of float16, bfloat16, float32, float64, got {lora_dtype!r}")
     return lora_dtype
+
+
+def autocast_enabled(device_type):
+    """``torch.is_autocast_enabled(device_type)``; False for device types autocast does not know
+    (``meta``: shape inference runs as outside autocast)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False

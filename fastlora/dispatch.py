@@ -244,10 +244,10 @@ def explain_path(input, weight, lora_A, lora_B, bias=None, *, dropout_p=0.0, tra
     Raises:
         TypeError / ValueError as :func:`fastlora.lora_linear` for invalid arguments.
     """
-    from ._checks import check_inputs, check_lora_dtype
+    from ._checks import autocast_enabled, check_inputs, check_lora_dtype
     from .backend import kernels, select_backend
     device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
-    autocast = torch.is_autocast_enabled(device_type)
+    autocast = autocast_enabled(device_type)
     check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=not autocast)
     if autocast:
         dtype = lora = torch.get_autocast_dtype(device_type)

@@ -42,12 +42,13 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds=10):
     return c0, c1, c2, c3
 
 
-def check_dropout_p(p):
-    """Validate ``dropout_p``: a real number in [0, 1). Raises TypeError / ValueError."""
+def check_dropout_p(p, name="dropout_p"):
+    """Validate a dropout probability: a real number in [0, 1). Raises TypeError / ValueError
+    naming the argument ``name``."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(p).__name__} {p!r}")
+        raise TypeError(f"{name}: expected a float in [0, 1), got {type(p).__name__} {p!r}")
     if not (0.0 <= float(p) < 1.0):  # also rejects NaN
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {p!r}")
+        raise ValueError(f"{name}: expected a float in [0, 1), got {p!r}")
     return float(p)
 
 

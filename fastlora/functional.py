@@ -1,7 +1,7 @@
 """``lora_linear``: the functional entry point (validation, autocast, dropout seed)."""
 import torch
 
-from ._checks import AUTOCAST_ELIGIBLE, check_inputs, check_scaling
+from ._checks import AUTOCAST_ELIGIBLE, autocast_enabled, check_inputs, check_scaling
 from .dropout import check_dropout_p, check_seed
 from .function import LoRALinearFunction
 
@@ -52,7 +52,7 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     float32/16) are cast to the autocast dtype, and the LoRA matmuls run in that dtype too.
     """
     device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
-    autocast = torch.is_autocast_enabled(device_type)
+    autocast = autocast_enabled(device_type)
     check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=not autocast)
     check_scaling(scaling, input.device)
     p = check_dropout_p(dropout_p)

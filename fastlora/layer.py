@@ -38,12 +38,20 @@ def lora_scaling(r, lora_alpha, use_rslora):
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _check_hparams(r, lora_alpha, lora_dropout):
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+def _check_hparams(r, lora_alpha, lora_dropout, use_rslora=False):
+    """Validate LoRA hyper-parameters; returns ``(r, lora_alpha, lora_dropout)``. Raises TypeError
+    for a wrong type, ValueError for a value out of range, naming the argument."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"r: expected an int >= 1, got {type(r).__name__} {r!r}")
+    if r < 1:
         raise ValueError(f"r: expected an int >= 1, got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise TypeError(f"lora_alpha: expected a finite number, got {type(lora_alpha).__name__} {lora_alpha!r}")
+    if not math.isfinite(lora_alpha):
         raise ValueError(f"lora_alpha: expected a finite number, got {lora_alpha!r}")
-    return int(r), lora_alpha, check_dropout_p(lora_dropout)
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora: expected a bool, got {type(use_rslora).__name__} {use_rslora!r}")
+    return int(r), lora_alpha, check_dropout_p(lora_dropout, "lora_dropout")
 
 
 class LoRALinear(nn.Module):
@@ -66,7 +74,12 @@ class LoRALinear(nn.Module):
     ``lora_B`` zeros, so a fresh layer computes exactly its base.
 
     Raises:
+        TypeError: a hyper-parameter of the wrong type (r not an int, use_rslora not a bool, ...).
         ValueError: r < 1, non-finite lora_alpha, lora_dropout outside [0, 1).
+
+    ``lora_alpha``, ``use_rslora`` and ``lora_dropout`` can be changed on a layer (validated);
+    ``r`` is fixed (:func:`fastlora.load_adapter` resizes). Changing what the merged delta depends
+    on while merged raises: :meth:`unmerge` first.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, r=8, lora_alpha=8, lora_dropout=0.0,
@@ -75,6 +88,7 @@ class LoRALinear(nn.Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         if bias:
@@ -86,9 +100,10 @@ class LoRALinear(nn.Module):
         self.reset_parameters()
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora):
-        self.r, self._lora_alpha, self.lora_dropout = _check_hparams(r, lora_alpha, lora_dropout)
-        self._use_rslora = bool(use_rslora)
+        self._r, self._lora_alpha, self._lora_dropout = _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        self._use_rslora = use_rslora
         self._merged = False
+        self._merge_record = None
         w = self.weight
         # The scaling as a device scalar the kernels read (not in the state dict): a new alpha
         # updates it in place, so compiled graphs and CUDA graphs need no recompilation.
@@ -104,10 +119,17 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
         """Wrap an existing ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``, weight ``[in, out]``,
         PEFT's ``fan_in_fan_out``) sharing its weight and bias parameters (no copy); they are
-        frozen. Raises TypeError for any other module."""
+        frozen. Every argument is checked before anything changes: on an error the linear is
+        untouched.
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear`` / ``Conv1D``; a hyper-parameter of the
+                wrong type. ValueError: a hyper-parameter out of range (as the constructor).
+        """
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
             raise TypeError(f"linear: expected an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.weight = linear.weight
@@ -134,12 +156,23 @@ class LoRALinear(nn.Module):
         return lora_scaling(self.r, self._lora_alpha, self._use_rslora)
 
     @property
+    def r(self):
+        """The LoRA rank (fixed; :func:`fastlora.load_adapter` resizes a layer)."""
+        return self._r
+
+    @r.setter
+    def r(self, value):
+        raise AttributeError("r: a LoRALinear's rank is fixed at creation (its lora_A / lora_B have r rows / columns); "
+                             "build a new layer, or let fastlora.load_adapter resize it from an adapter file")
+
+    @property
     def lora_alpha(self):
         return self._lora_alpha
 
     @lora_alpha.setter
     def lora_alpha(self, value):
         _check_hparams(self.r, value, self.lora_dropout)
+        self._refuse_while_merged("lora_alpha")
         self._lora_alpha = value
         self._refresh_scale()
 
@@ -149,19 +182,55 @@ class LoRALinear(nn.Module):
 
     @use_rslora.setter
     def use_rslora(self, value):
-        self._use_rslora = bool(value)
+        _check_hparams(self.r, self.lora_alpha, self.lora_dropout, value)
+        if value != self._use_rslora:
+            self._refuse_while_merged("use_rslora")
+        self._use_rslora = value
         self._refresh_scale()
+
+    @property
+    def lora_dropout(self):
+        """Dropout probability of the LoRA input, in [0, 1) (active in training mode)."""
+        return self._lora_dropout
+
+    @lora_dropout.setter
+    def lora_dropout(self, value):
+        self._lora_dropout = check_dropout_p(value, "lora_dropout")
+
+    def _refuse_while_merged(self, what):
+        if self._merged:
+            raise ValueError(f"{what}: cannot change while the LoRA delta is merged into the weight (it would change "
+                             "the delta that unmerge() subtracts); call unmerge() first")
 
     @torch.no_grad()
     def _refresh_scale(self):
         self._scale.fill_(self.scaling)
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() would round the scaling buffer; rebuild it from the Python value
-        # in the accumulation dtype of the (possibly new) weight dtype, on the new device.
+        # .to(dtype) / .half() would round the scaling buffer, to_empty() would leave it
+        # uninitialised: rebuild it from the Python value in the accumulation dtype of the
+        # (possibly new) weight dtype, on the new device. A merge survives the move.
         super()._apply(fn, recurse)
-        self._scale = torch.tensor(self.scaling, device=self._scale.device, dtype=acc_dtype_of(self.weight.dtype))
+        self._rebuild_scale(self._scale.device)
+        if self._merged:
+            self._merge_record = self._record()
         return self
+
+    def _rebuild_scale(self, device):
+        self._scale = torch.tensor(self.scaling, device=device, dtype=acc_dtype_of(self.weight.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # load_state_dict(..., assign=True) after meta-device init (transformers / accelerate's
+        # low-memory loading) replaces the parameters; the derived scale buffer is not in the
+        # state dict and would stay on meta
+        if self._scale.device != self.weight.device:
+            self._rebuild_scale(self.weight.device)
+
+    def _record(self):
+        """What a merge depends on, to tell later whether it still holds: each tensor's storage
+        and in-place version counter."""
+        return tuple((t.data_ptr(), t._version) for t in (self.weight, self.lora_A.weight, self.lora_B.weight))
 
     @property
     def merged(self):
@@ -189,6 +258,8 @@ class LoRALinear(nn.Module):
     def forward(self, input):
         """``input [..., in_features]`` -> ``[..., out_features]`` (see :func:`fastlora.lora_linear`)."""
         if self._merged:
+            if not torch.compiler.is_compiling():
+                self._check_merge("forward (merged)")
             return F.linear(input, self.base_weight(), self.bias)
         return lora_linear(input, self.base_weight(), self.lora_A.weight, self.lora_B.weight, self._scale,
                            self.bias, dropout_p=self.lora_dropout, training=self.training)
@@ -220,14 +291,31 @@ class LoRALinear(nn.Module):
             return
         self._apply_delta(+1.0)
         self._merged = True
+        self._merge_record = self._record()
+
+    def _check_merge(self, doing):
+        """Raise if the weight or the adapters changed in place since :meth:`merge` (the merged
+        weight no longer holds exactly the delta unmerge() would subtract)."""
+        now = self._record()
+        for name, (ptr, version), (ptr_now, version_now) in zip(("weight", "lora_A.weight", "lora_B.weight"),
+                                                                 self._merge_record, now):
+            if ptr != ptr_now or version != version_now:
+                raise RuntimeError(f"{doing}: {name} was changed after merge(), so the weight no longer holds exactly "
+                                   "the delta unmerge() would subtract; change adapters only while unmerged (to export "
+                                   "a merged layer without touching it, use merged_linear())")
 
     def unmerge(self):
-        """Subtract the delta added by :meth:`merge` (same rounding as merge)."""
+        """Subtract the delta added by :meth:`merge` (same rounding as merge).
+
+        Raises RuntimeError (changing nothing) if the weight or an adapter was modified in place
+        since the merge: the subtraction would not restore the weight."""
         if not self._merged:
             warnings.warn("LoRALinear.unmerge(): not merged, nothing to do", stacklevel=2)
             return
+        self._check_merge("unmerge()")
         self._apply_delta(-1.0)
         self._merged = False
+        self._merge_record = None
 
     @torch.no_grad()
     def merged_linear(self):

@@ -40,12 +40,22 @@ def _matches(spec, name):
 
 
 def _pattern_key(patterns, name):
-    """Key of ``rank_pattern`` / ``alpha_pattern`` that applies to module ``name`` (PEFT:
-    ``re.match(rf"(.*\\.)?({key})$", name)``), or None."""
+    """Key of ``rank_pattern`` / ``alpha_pattern`` that applies to module ``name``, or None: PEFT's
+    rule (``peft.utils.other.get_pattern_key``): the first key, in the dict's order, for which
+    ``re.match(rf"(.*\\.)?({key})$", name)`` holds."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return None
+
+
+def _inside_lora(model):
+    """Names of the modules inside fastlora LoRA layers (their lora_A / lora_B)."""
+    inside = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            inside.update(f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub)
+    return inside
 
 
 def _is_linear(module):
@@ -54,15 +64,45 @@ def _is_linear(module):
 
 def _all_linear_targets(model):
     """Every nn.Linear / Conv1D except the output head and modules inside LoRA layers."""
-    exclude = set()
+    exclude = _inside_lora(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            exclude.update(f"{name}.{sub}" for sub, _ in module.named_modules() if sub)
         top = name.split(".")[0]
         if module is head or (head is None and top in _HEAD_NAMES):
             exclude.add(name)
     return [n for n, m in model.named_modules() if _is_linear(m) and n not in exclude]
+
+
+def _check_targets(name, spec, allow_none=False):
+    """``target_modules`` / ``exclude_modules``: a string (regex, or "all-linear" for targets) or
+    a list / tuple / set of strings; returns it normalised (lists for collections)."""
+    if spec is None and allow_none:
+        return None
+    if isinstance(spec, str):
+        if not spec:
+            raise ValueError(f"{name}: expected a non-empty string or a list of module names, got ''")
+        try:
+            re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"{name}: {spec!r} is not a valid regular expression ({e})") from None
+        return spec
+    if isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(t, str) and t for t in spec):
+        if not spec:
+            raise ValueError(f"{name}: expected at least one module name, got an empty {type(spec).__name__}")
+        return sorted(spec) if isinstance(spec, (set, frozenset)) else list(spec)
+    bad = next((t for t in spec if not (isinstance(t, str) and t)), None) if isinstance(spec, (list, tuple, set)) \
+        else None
+    what = f"an element {bad!r}" if isinstance(spec, (list, tuple, set)) else f"{type(spec).__name__} {spec!r}"
+    raise TypeError(f"{name}: expected a regex string, 'all-linear' or a list of module names, got {what}")
+
+
+def tuner_layers(model):
+    """Names of PEFT tuner layers (``BaseTunerLayer``) in ``model``, if PEFT is installed."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
 def inject_lora(model, target_modules, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
@@ -70,36 +110,50 @@ def inject_lora(model, target_modules, *, r=8, lora_alpha=8, lora_dropout=0.0, u
     """Replace matching linear layers of ``model`` in place with :class:`fastlora.LoRALinear`.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module`` without PEFT tuner layers (for a PEFT model, use
+            :func:`fastlora.patch_peft_model`).
         target_modules: PEFT's rules: a list of names (exact, or a dotted suffix such as
             ``"q_proj"`` or ``"attention.self.query"``), a regex string matched against the whole
             module name, or ``"all-linear"`` (every ``nn.Linear`` / ``Conv1D`` except the output
             head: the model's output embedding if it has one, else top-level ``lm_head``,
-            ``score`` or ``classifier`` modules).
+            ``score`` or ``classifier`` modules). Modules inside existing fastlora LoRA layers
+            are never matched.
         r, lora_alpha, lora_dropout, use_rslora: as for :class:`fastlora.LoRALinear`.
-        exclude_modules: names never to replace, same rules as ``target_modules``.
+        exclude_modules: names never to replace, same rules as ``target_modules`` (no "all-linear").
 
     Returns:
         The replaced module names, in ``named_modules`` order.
 
     Every parameter outside the LoRA adapters is frozen (``requires_grad=False``), as PEFT does
-    with ``bias="none"``. Base weights are shared, not copied.
+    with ``bias="none"``. Base weights are shared, not copied. Every argument and the whole model
+    are checked first: on an error nothing (no module, parameter or ``requires_grad`` flag) changes.
 
     Raises:
-        ValueError: nothing matched, or a matched module is not an ``nn.Linear`` / ``Conv1D``.
+        TypeError: ``model`` is not an ``nn.Module``; ``target_modules`` / ``exclude_modules`` are
+            not a string or a list of strings; a hyper-parameter of the wrong type.
+        ValueError: the model holds PEFT tuner layers; nothing matched; a matched module is not an
+            ``nn.Linear`` / ``Conv1D``; a hyper-parameter out of range; an invalid regex.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    target_modules = _check_targets("target_modules", target_modules)
+    exclude_modules = _check_targets("exclude_modules", exclude_modules, allow_none=True)
+    _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+    tuners = tuner_layers(model)
+    if tuners:
+        raise ValueError(f"model: {type(model).__name__} holds {len(tuners)} PEFT tuner layer(s) (e.g. {tuners[0]}): "
+                         "inject_lora would put LoRA on top of PEFT's; to run a PEFT model through fastlora, call "
+                         "fastlora.patch_peft_model(model)")
+    inside = _inside_lora(model)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        targets = _all_linear_targets(model)
-        matched = [n for n in targets if not _matches(exclude_modules, n)]
+        matched = [n for n in _all_linear_targets(model) if not _matches(exclude_modules, n)]
     else:
-        if not isinstance(target_modules, str):
-            target_modules = list(target_modules)
         matched = [n for n, _ in model.named_modules()
-                   if n and _matches(target_modules, n) and not _matches(exclude_modules, n)]
+                   if n and n not in inside and _matches(target_modules, n) and not _matches(exclude_modules, n)]
     modules = dict(model.named_modules())
     bad = [f"{n} ({type(modules[n]).__name__})" for n in matched if not _is_linear(modules[n])]
     if bad:
-        raise ValueError(f"target_modules: matched modules that are not nn.Linear / Conv1D: {', '.join(bad)}")
+        raise ValueError(f"target_modules: matched modules that are not nn.Linear / Conv1D: {_summary(bad)}")
     if not matched:
         raise ValueError(f"target_modules: {target_modules!r} matched no linear module of {type(model).__name__}")
     for name in matched:
@@ -111,6 +165,13 @@ def inject_lora(model, target_modules, *, r=8, lora_alpha=8, lora_dropout=0.0, u
         if "lora_" not in name:
             p.requires_grad_(False)
     return matched
+
+
+def _summary(items, show=5):
+    """The first ``show`` items and how many more: long problem lists stay readable."""
+    items = list(items)
+    head = ", ".join(items[:show])
+    return head + (f", ... ({len(items) - show} more)" if len(items) > show else "")
 
 
 def lora_layers(model):
@@ -130,19 +191,103 @@ def _full(t):
     return t.cpu().contiguous()
 
 
-def save_adapter(model, directory, *, base_model_name_or_path=None, modules_to_save=None):
+# Only the language-model tasks are inferred: for SEQ_CLS / TOKEN_CLS / QUESTION_ANS, PEFT adds the
+# task head to modules_to_save and then requires its weights in the file.
+_TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+          ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
+
+
+def _task_type_of(model):
+    """PEFT's task type for a transformers language model's class name (None otherwise)."""
+    name = type(model).__name__
+    return next((task for suffix, task in _TASKS if name.endswith(suffix)), None)
+
+
+def _base_name_of(model):
+    """The name or path transformers recorded for the model (``config._name_or_path``), or None."""
+    for obj in (getattr(model, "config", None), model):
+        value = getattr(obj, "name_or_path", None) or getattr(obj, "_name_or_path", None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _peft_names(model):
+    """Module names PEFT sees when it loads an adapter into ``model``'s base: every module but
+    those inside fastlora LoRA layers (a LoRALinear stands where its linear was)."""
+    inside = _inside_lora(model)
+    return [n for n, _ in model.named_modules() if n and n not in inside]
+
+
+def minimal_target_modules(model, layer_names):
+    """``target_modules`` that PEFT matches to exactly ``layer_names`` among the modules of the
+    model: the layers' last name components (``["q_proj", "v_proj"]``) if that selects no other
+    module, else their shortest dotted suffixes that do not, else a regex matching the full names."""
+    layers, names = set(layer_names), _peft_names(model)
+
+    def selects(spec):
+        return {n for n in names if _matches(spec, n)} == layers
+
+    short = sorted({n.rpartition(".")[2] for n in layers})
+    if selects(short):
+        return short
+    suffixes = set()
+    for layer in layers:
+        parts = layer.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            cand = ".".join(parts[i:])
+            if all(not (n == cand or n.endswith("." + cand)) or n in layers for n in names):
+                suffixes.add(cand)
+                break
+    if selects(sorted(suffixes)):
+        return sorted(suffixes)
+    return "(" + "|".join(re.escape(n) for n in sorted(layers)) + ")"
+
+
+def _patterns(layers, attr, default):
+    """``rank_pattern`` / ``alpha_pattern`` for the layers whose ``attr`` differs from ``default``,
+    keyed so that PEFT's rule (:func:`_pattern_key`) gives every layer its own value: short names
+    (a layer's last component) when they suffice, else exact, anchored full names."""
+    want = {n: getattr(m, attr) for n, m in layers.items()}
+
+    def resolves(patterns):
+        return all((patterns[k] if (k := _pattern_key(patterns, n)) is not None else default) == v
+                   for n, v in want.items())
+
+    odd = {n: v for n, v in want.items() if v != default}
+    short = {}
+    for n, v in odd.items():
+        short.setdefault(re.escape(n.rpartition(".")[2]), v)
+    if resolves(short):
+        return short
+    exact = {"^" + re.escape(n): v for n, v in odd.items()}  # "^": matches the whole name only
+    if not resolves(exact):  # cannot happen: each key matches exactly one name
+        raise AssertionError(f"{attr} pattern does not reproduce the layers' values")
+    return exact
+
+
+def save_adapter(model, directory, *, base_model_name_or_path=None, task_type=None, modules_to_save=None):
     """Write the LoRA adapters of ``model`` in PEFT's format.
 
     Files: ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight``
-    ``[r, in]`` and ``.lora_B.weight`` ``[out, r]``, adapter name stripped, as PEFT saves) and
-    ``adapter_config.json`` (``peft_type: LORA``; the most common r / alpha as ``r`` /
-    ``lora_alpha``, the others in ``rank_pattern`` / ``alpha_pattern``). After it,
-    ``peft.PeftModel.from_pretrained(base_model, directory)`` computes what ``model`` computes.
+    ``[r, in]`` and ``.lora_B.weight`` ``[out, r]``, adapter name stripped, as PEFT saves),
+    ``adapter_config.json`` and a short ``README.md`` model card (as PEFT writes one). The config's
+    ``target_modules`` are the shortest names PEFT matches to exactly the model's LoRA layers
+    (e.g. ``["q_proj", "v_proj"]``); the most common r / alpha are ``r`` / ``lora_alpha`` and
+    the others go to ``rank_pattern`` / ``alpha_pattern`` under keys that PEFT's matching rule
+    resolves to each layer's own value (checked before writing). After it,
+    ``peft.PeftModel.from_pretrained(base_model, directory)`` computes what ``model`` computes, and
+    with ``base_model_name_or_path`` (default: the model's ``config._name_or_path``) and a task
+    type, ``peft.AutoPeftModelFor...from_pretrained(directory)`` finds the base.
 
     Args:
         model: a model with :class:`fastlora.LoRALinear` layers (e.g. from :func:`inject_lora`).
         directory: created if missing.
         base_model_name_or_path: recorded in the config (PEFT uses it to find the base model).
+        task_type: PEFT's task type (e.g. ``"CAUSAL_LM"``); default: from a transformers language
+            model's class name (``...ForCausalLM`` -> ``CAUSAL_LM``, ``...ForConditionalGeneration``
+            -> ``SEQ_2_SEQ_LM``), else None (for ``SEQ_CLS`` and the like PEFT then requires the task
+            head in the file: pass it with ``modules_to_save``).
         modules_to_save: names of extra modules saved whole (PEFT's ``modules_to_save``, e.g. a
             trained classification head), stored under ``base_model.model.<module>.<param>``.
 
@@ -150,16 +295,32 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, modules_to_s
     full tensors and only rank 0 writes the files.
 
     Raises:
+        TypeError: ``model`` not a Module; ``directory``, ``base_model_name_or_path``, ``task_type``
+            not strings; ``modules_to_save`` not a list of names.
         ValueError: no LoRA layer, layers that disagree on rsLoRA, an unknown module to save.
     """
     from safetensors.torch import save_file
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a path, got {type(directory).__name__} {directory!r}")
+    for name, value in (("base_model_name_or_path", base_model_name_or_path), ("task_type", task_type)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name}: expected a string or None, got {type(value).__name__} {value!r}")
+    if modules_to_save is not None and (isinstance(modules_to_save, str) or not all(isinstance(m, str)
+                                                                                    for m in modules_to_save)):
+        raise TypeError(f"modules_to_save: expected a list of module names, got {modules_to_save!r}")
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"model: no fastlora.LoRALinear layer in {type(model).__name__}")
     rslora = {m.use_rslora for m in layers.values()}
     if len(rslora) > 1:
         raise ValueError("model: layers mix use_rslora True and False, which PEFT's config cannot express")
+    modules = dict(model.named_modules())
+    for name in modules_to_save or []:
+        if name not in modules:
+            raise ValueError(f"modules_to_save: no module {name!r} in {type(model).__name__}")
     r_default = collections.Counter(m.r for m in layers.values()).most_common(1)[0][0]
     alpha_default = collections.Counter(m.lora_alpha for m in layers.values()).most_common(1)[0][0]
     dropouts = collections.Counter(m.lora_dropout for m in layers.values())
@@ -171,24 +332,23 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, modules_to_s
     for name, m in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A.weight)
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = _full(m.lora_B.weight)
-    modules = dict(model.named_modules())
     for name in modules_to_save or []:
-        if name not in modules:
-            raise ValueError(f"modules_to_save: no module {name!r} in {type(model).__name__}")
         for k, v in modules[name].state_dict().items():
             tensors[f"{_PREFIX}{name}.{k}"] = _full(v)
+    base_name = base_model_name_or_path or _base_name_of(model)
+    task = task_type or _task_type_of(model)
     config = {
         "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": task,
+        "base_model_name_or_path": base_name,
         "inference_mode": True,
         "r": r_default,
         "lora_alpha": alpha_default,
         "lora_dropout": dropout,
         "use_rslora": rslora.pop(),
-        "target_modules": list(layers),
-        "rank_pattern": {re.escape(n): m.r for n, m in layers.items() if m.r != r_default},
-        "alpha_pattern": {re.escape(n): m.lora_alpha for n, m in layers.items() if m.lora_alpha != alpha_default},
+        "target_modules": minimal_target_modules(model, list(layers)),
+        "rank_pattern": _patterns(layers, "r", r_default),
+        "alpha_pattern": _patterns(layers, "lora_alpha", alpha_default),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
         "bias": "none",
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
@@ -201,6 +361,23 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, modules_to_s
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+    with open(os.path.join(directory, "README.md"), "w") as f:
+        f.write(_model_card(config, len(layers)))
+
+
+def _model_card(config, n_layers):
+    """A short model card in the layout PEFT writes (YAML front matter with ``library_name: peft``)."""
+    base = config["base_model_name_or_path"]
+    front = ["---", "library_name: peft"] + ([f"base_model: {base}"] if base else []) + \
+        ["tags:", "- lora", "- fastlora", "---", ""]
+    target = config["target_modules"]
+    body = [f"# LoRA adapter{f' for {base}' if base else ''}", "",
+            f"A LoRA adapter in PEFT's format, written by fastlora: {n_layers} layers "
+            f"(target_modules {target!r}), r={config['r']}, lora_alpha={config['lora_alpha']}"
+            + (", rsLoRA" if config["use_rslora"] else "") + ".", "",
+            "Load it with `peft.PeftModel.from_pretrained(base_model, path)` or `fastlora.load_adapter(model, path)`.",
+            ""]
+    return "\n".join(front + body)
 
 
 # LoraConfig fields fastlora implements (their values are used).
@@ -265,22 +442,29 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^
 def load_adapter(model, directory):
     """Load a PEFT-saved LoRA adapter into a model with :class:`fastlora.LoRALinear` layers.
 
-    Per-module ranks and alphas (``rank_pattern``, ``alpha_pattern``), rsLoRA and the dropout
-    come from the config; a layer whose rank differs from the adapter's is resized, which gives
-    it new ``lora_A`` / ``lora_B`` parameters (build optimizers after loading). Every value,
-    tensor name and shape is checked before anything changes: all problems (tensors for modules
-    that are not LoRA layers, LoRA layers the file lacks, shapes that disagree with the layer or
-    the config, invalid hyper-parameters) are raised together in one ValueError, and the model
-    is untouched. Load before sharding a model (FSDP2).
+    Per-module ranks and alphas (``rank_pattern``, ``alpha_pattern``, resolved with PEFT's own
+    matching rule), rsLoRA and the dropout come from the config; a layer whose rank differs from
+    the adapter's is resized, which gives it new ``lora_A`` / ``lora_B`` parameters: one warning
+    says how many layers and which ranks (rebuild optimizers after loading). Every value, tensor
+    name and shape is checked before anything changes: all problems (tensors for modules that are
+    not LoRA layers, LoRA layers the file lacks, shapes that disagree with the layer or the
+    config, invalid hyper-parameters) are raised together in one ValueError (long lists
+    summarised: the first lines and how many more), and the model is untouched. Load before
+    sharding a model (FSDP2).
 
     Returns:
         The loaded LoRA layer names.
 
     Raises:
-        FileNotFoundError: a missing file. ValueError: see above and :func:`read_adapter_config`.
+        TypeError: ``model`` not a Module, ``directory`` not a path. FileNotFoundError: a missing
+        file. ValueError: see above and :func:`read_adapter_config`.
     """
     from safetensors.torch import load_file
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a path, got {type(directory).__name__} {directory!r}")
     config = read_adapter_config(directory)
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
@@ -305,9 +489,12 @@ def load_adapter(model, directory):
     hparams = {}
     dropout = config.get("lora_dropout", 0.0)
     try:
-        check_dropout_p(dropout)
+        check_dropout_p(dropout, "lora_dropout")
     except (TypeError, ValueError) as e:
-        problems.append(f"lora_dropout: {e}")
+        problems.append(f"config: {e}")
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        problems.append(f"config: use_rslora: expected true or false, got {use_rslora!r}")
     for name in found:
         if name not in layers:
             problems.append(f"{name}: the file has LoRA weights for it but the model has no LoRALinear there")
@@ -319,7 +506,7 @@ def load_adapter(model, directory):
         hparams[name] = (r, alpha)
         try:
             _check_hparams(r, alpha, 0.0)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             problems.append(f"{name}: {e} (from the config's r / lora_alpha / rank_pattern / alpha_pattern)")
             continue
         if layer.merged:
@@ -332,15 +519,22 @@ def load_adapter(model, directory):
                 problems.append(f"{got[ab][0]}: shape {tuple(got[ab][1].shape)}, expected {shape} "
                                 f"(r={r} from the config, layer {layer.in_features}->{layer.out_features})")
     if problems:
-        raise ValueError(f"{path}: {len(problems)} problem(s), nothing loaded:\n  " + "\n  ".join(problems))
+        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise ValueError(f"{path}: {len(problems)} problem(s), nothing loaded:\n  " + "\n  ".join(shown))
 
+    resized = collections.Counter((layers[n].r, hparams[n][0]) for n in layers if hparams[n][0] != layers[n].r)
+    if resized:
+        warnings.warn(f"load_adapter: {sum(resized.values())} LoRA layer(s) resized to the adapter's rank ("
+                      + ", ".join(f"{n} from r={a} to r={b}" for (a, b), n in resized.items())
+                      + "): they have new lora_A / lora_B parameters, so rebuild optimizers (and anything else "
+                      "holding the old ones) after loading", stacklevel=2)
     with torch.no_grad():
         for name, layer in layers.items():
             r, alpha = hparams[name]
             if r != layer.r:
                 layer._init_lora(r, alpha, layer.lora_dropout, layer.use_rslora)
             layer.lora_alpha = alpha
-            layer.use_rslora = bool(config.get("use_rslora", False))
+            layer.use_rslora = use_rslora
             layer.lora_dropout = float(config.get("lora_dropout", 0.0))
             layer.lora_A.weight.copy_(found[name]["A"][1])
             layer.lora_B.weight.copy_(found[name]["B"][1])

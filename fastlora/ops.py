@@ -122,3 +122,30 @@ def _(dy, x, weight, lora_A, lora_B, S, scaling, scale, seed, keep_thresh, keep_
       lora_dtype, backend, path):
     n = lora_B.numel() * need_dB + lora_A.numel() * need_dA
     return x.new_empty(x.shape if need_dx else (0,)), S.new_empty((n,))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.func.vmap: the kernels have no batch dimension, so a batched call runs one call per
+# sample (a 2-D x batched alone without dropout is folded into M instead: the same rows, one
+# launch). Per-sample calls keep each sample's dropout rows 0..M-1, as an unbatched call would.
+# ----------------------------------------------------------------------------------------------
+def _per_sample(op, info, in_dims, args):
+    outs = [op(*[a.select(d, b) if d is not None else a for a, d in zip(args, in_dims)])
+            for b in range(info.batch_size)]
+    return tuple(torch.stack([o[i] for o in outs]) for i in range(len(outs[0]))), (0,) * len(outs[0])
+
+
+@torch.library.register_vmap("fastlora::lora_linear_fwd")
+def _fwd_vmap(info, in_dims, x, weight, lora_A, lora_B, scaling, scale, bias, seed, *rest):
+    args = (x, weight, lora_A, lora_B, scaling, scale, bias, seed, *rest)
+    if in_dims[0] is not None and all(d is None for d in in_dims[1:]) and seed is None:
+        xb = x.movedim(in_dims[0], 0)
+        B, M, K = xb.shape
+        y, S = lora_linear_fwd(xb.reshape(B * M, K), *args[1:])
+        return (y.view(B, M, -1), S.view(B, M, -1)), (0, 0)
+    return _per_sample(lora_linear_fwd, info, in_dims, args)
+
+
+@torch.library.register_vmap("fastlora::lora_linear_bwd")
+def _bwd_vmap(info, in_dims, *args):
+    return _per_sample(lora_linear_bwd, info, in_dims, args)

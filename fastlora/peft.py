@@ -37,18 +37,34 @@ class PatchReport:
 
     Attributes:
         patched: names of the LoRA layers that now run fastlora when their state allows it.
-        skipped: ``{name: reason}`` for LoRA layers left entirely to PEFT (unsupported type).
+        skipped: ``{name: reason}`` for LoRA layers left entirely to PEFT (unsupported layer type,
+            a base layer that is another tuner layer, a base that is not a plain linear).
+        expected_fallbacks: ``{name: reason}`` for patched layers that, as configured when
+            patching, run PEFT's forward at every call (e.g. DoRA); rechecked at each call.
         fallbacks: live ``Counter`` of ``(name, reason)`` for calls that ran PEFT's forward.
     """
     patched: list = dataclasses.field(default_factory=list)
     skipped: dict = dataclasses.field(default_factory=dict)
+    expected_fallbacks: dict = dataclasses.field(default_factory=dict)
     fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def __str__(self):
-        lines = [f"fastlora: {len(self.patched)} PEFT LoRA layer(s) patched, {len(self.skipped)} skipped"]
-        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        lines = [f"fastlora: {len(self.patched)} PEFT LoRA layer(s) patched, {len(self.skipped)} skipped"
+                 + (f", {len(self.expected_fallbacks)} of the patched run PEFT's forward as configured"
+                    if self.expected_fallbacks else "")]
+        lines += [f"  skipped: {line}" for line in _by_reason(self.skipped)]
+        lines += [f"  PEFT's forward: {line}" for line in _by_reason(self.expected_fallbacks)]
         lines += [f"  fell back {n}x {name}: {why}" for (name, why), n in self.fallbacks.items()]
         return "\n".join(lines)
+
+
+def _by_reason(named, show=3):
+    """``{name: reason}`` summarised one line per reason: count, first names."""
+    groups = collections.defaultdict(list)
+    for name, why in named.items():
+        groups[why].append(name)
+    return [f"{len(names)} layer(s) ({', '.join(names[:show])}{', ...' if len(names) > show else ''}): {why}"
+            for why, names in groups.items()]
 
 
 def _plain_weight(t):
@@ -64,8 +80,28 @@ def _base_is_hooked(base):
                 or nn_module._global_forward_pre_hooks)
 
 
+def _hooked(module):
+    """Hooks fastlora's fused path would skip on ``module`` itself."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def static_skip_reason(layer):
+    """Why a PEFT LoRA layer can never run fused, knowable when patching (None if it can):
+    its base layer is another tuner layer (LoRA stacked on LoHa / LoKr / ... in a PeftMixedModel:
+    the fused op would drop that adapter's output) or not a plain ``nn.Linear`` / GPT-2 ``Conv1D``."""
+    base = layer.base_layer
+    if isinstance(base, BaseTunerLayer):
+        return (f"base layer is a tuner layer ({type(base).__module__}.{type(base).__name__}), whose output "
+                "the fused op would drop")
+    if not (type(base) is nn.Linear or is_conv1d(base)):
+        return f"base layer {type(base).__name__} is not a plain nn.Linear / Conv1D"
+    return None
+
+
 def _fallback_reason(layer, x, args, kwargs):
-    """Why this call cannot be fused (None if it can), and the active adapter otherwise."""
+    """Why this call cannot be fused (None if it can), and the active adapter otherwise. The
+    fused op replaces exactly ``base_layer(x) + lora_B(lora_A(dropout(x)))·scaling``; anything
+    else in that computation (another tuner layer, hooks, a replaced forward) runs PEFT's."""
     if layer.disable_adapters:
         return "adapters disabled", None
     if kwargs.get("adapter_names") is not None:
@@ -82,9 +118,10 @@ def _fallback_reason(layer, x, args, kwargs):
         return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}", None
     if getattr(layer, "use_dora", {}).get(adapter, False):
         return "DoRA", None
-    base = layer.get_base_layer()
-    if not (type(base) is nn.Linear or is_conv1d(base)):
-        return f"base layer {type(base).__name__}", None
+    static = static_skip_reason(layer)
+    if static is not None:
+        return static, None
+    base = layer.base_layer
     if not _plain_weight(base.weight) or (base.bias is not None and not _plain_weight(base.bias)):
         return "quantized, sharded or empty base weight", None
     if _base_is_hooked(base):
@@ -95,13 +132,19 @@ def _fallback_reason(layer, x, args, kwargs):
         return "sharded or empty adapter weight", None
     if type(layer.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
         return f"dropout module {type(layer.lora_dropout[adapter]).__name__}", None
+    if any(_hooked(m) for m in (layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter])):
+        return "hooks on lora_A / lora_B / lora_dropout", None
     return None, adapter
 
 
 class FastLoraPeftLinear(PeftLoraLinear):
     """A PEFT LoRA ``Linear`` whose forward runs fastlora when it can (see the module doc).
     Instances are made by :func:`patch_peft_model` switching ``__class__``; nothing else
-    changes."""
+    changes. ``print(model)`` shows PEFT's ``lora.Linear``, as before patching; the patch is in
+    the model's :class:`PatchReport` (``fastlora.peft.patch_report(model)``)."""
+
+    def _get_name(self):
+        return PeftLoraLinear.__name__
 
     def forward(self, x, *args, **kwargs):
         reason, adapter = _fallback_reason(self, x, args, kwargs)
@@ -129,45 +172,92 @@ class FastLoraPeftLinear(PeftLoraLinear):
         if report is not None:
             report.fallbacks[(name, reason)] += 1
         warned = self.__dict__.setdefault("_fastlora_warned", set())
+        if report is not None and report.expected_fallbacks.get(name) == reason:
+            warned.add(reason)  # announced when patching, in one warning for all such layers
         if reason not in warned:
             warned.add(reason)
             warnings.warn(f"fastlora: {name} runs PEFT's own forward ({reason})", stacklevel=3)
+
+
+def _configured_fallback(layer):
+    """Why a patched layer, as configured now, would run PEFT's forward at every call (None: fused)."""
+    for adapter in layer.active_adapters:
+        if adapter in getattr(layer, "lora_variant", {}):
+            return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
+        if getattr(layer, "use_dora", {}).get(adapter, False):
+            return "DoRA"
+    if layer.merged:
+        return "adapter merged"
+    return None
 
 
 def patch_peft_model(model):
     """Make every PEFT LoRA ``Linear`` of ``model`` run :func:`fastlora.lora_linear` when possible.
 
     Args:
-        model: a ``peft.PeftModel`` (or any module holding PEFT LoRA layers).
+        model: a ``peft.PeftModel`` (or any module holding PEFT LoRA layers), i.e. after
+            ``peft.get_peft_model``.
 
     Returns:
-        :class:`PatchReport` listing patched layers, layers skipped (other LoRA layer types, e.g.
-        Embedding, Conv2d, bitsandbytes / quantized variants) with the reason, and a live count
-        of call-time fallbacks. A warning names the skipped layers. Patching twice is harmless.
+        :class:`PatchReport` listing patched layers, layers skipped with the reason (other LoRA
+        layer types, e.g. Embedding, Conv2d, bitsandbytes; LoRA stacked on another tuner layer),
+        patched layers that run PEFT's forward as configured (e.g. DoRA), and a live count of
+        call-time fallbacks. One warning per reason summarises what will not run fused. Patching
+        twice is harmless.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` holds no PEFT LoRA layer (nothing is changed): patch the model that
+            ``peft.get_peft_model`` returned, after it.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module holding PEFT LoRA layers, got {type(model).__name__}")
+    lora = [(n, m) for n, m in model.named_modules() if isinstance(m, FastLoraPeftLinear)
+            or (isinstance(m, BaseTunerLayer) and type(m).__module__.startswith("peft.tuners.lora"))]
+    if not lora:
+        raise ValueError(f"model: no PEFT LoRA layer in {type(model).__name__}; call patch_peft_model on the model "
+                         "that peft.get_peft_model(...) returns (for a model without PEFT, use fastlora.inject_lora)")
     report = getattr(model, "_fastlora_report", None) or PatchReport()
-    for name, module in model.named_modules():
+    new_skips, new_expected = {}, {}
+    for name, module in lora:
         if isinstance(module, FastLoraPeftLinear):
             if name not in report.patched:
                 report.patched.append(name)
             continue
-        if type(module) is PeftLoraLinear:
-            module.__class__ = FastLoraPeftLinear
-            module._fastlora_name = name
-            module._fastlora_report = report
-            report.patched.append(name)
-        elif isinstance(module, BaseTunerLayer) and type(module).__module__.startswith("peft.tuners.lora"):
-            report.skipped[name] = f"unsupported LoRA layer type {type(module).__module__}.{type(module).__name__}"
+        if type(module) is not PeftLoraLinear:
+            new_skips[name] = f"unsupported LoRA layer type {type(module).__module__}.{type(module).__name__}"
+            continue
+        why = static_skip_reason(module)
+        if why is not None:
+            new_skips[name] = why
+            continue
+        module.__class__ = FastLoraPeftLinear
+        module._fastlora_name = name
+        module._fastlora_report = report
+        report.patched.append(name)
+        why = _configured_fallback(module)
+        if why is not None:
+            new_expected[name] = why
+    report.skipped.update(new_skips)
+    report.expected_fallbacks.update(new_expected)
     model._fastlora_report = report
-    if report.skipped:
-        warnings.warn(f"fastlora: {len(report.skipped)} LoRA layer(s) keep PEFT's forward: "
-                      + ", ".join(f"{n} ({why})" for n, why in report.skipped.items()), stacklevel=2)
+    for what, named in (("not patched, PEFT's forward runs", new_skips),
+                        ("patched, but PEFT's forward runs as configured now", new_expected)):
+        for line in _by_reason(named):
+            warnings.warn(f"fastlora: {line} -> {what}", stacklevel=2)
     return report
+
+
+def patch_report(model):
+    """The :class:`PatchReport` of a model patched by :func:`patch_peft_model`, or None."""
+    return getattr(model, "_fastlora_report", None)
 
 
 def unpatch_peft_model(model):
     """Undo :func:`patch_peft_model`: every patched layer runs PEFT's forward again.
-    Returns the names of the layers restored."""
+    Returns the names of the layers restored. Raises TypeError if ``model`` is not a Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     restored = []
     for name, module in model.named_modules():
         if isinstance(module, FastLoraPeftLinear):

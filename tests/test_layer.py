@@ -166,8 +166,10 @@ def test_extra_repr_names_everything():
         assert part in text, part
 
 
-@pytest.mark.parametrize("kwargs,match", [({"r": 0}, "r"), ({"r": 2.5}, "r"), ({"lora_dropout": 1.0}, "dropout_p"),
-                                          ({"lora_alpha": float("nan")}, "lora_alpha")])
-def test_bad_hyperparameters(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("kwargs,exc,match", [({"r": 0}, ValueError, "r"), ({"r": 2.5}, TypeError, "r"),
+                                              ({"lora_dropout": 1.0}, ValueError, "lora_dropout"),
+                                              ({"lora_alpha": float("nan")}, ValueError, "lora_alpha"),
+                                              ({"use_rslora": "yes"}, TypeError, "use_rslora")])
+def test_bad_hyperparameters(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
         LoRALinear(8, 4, **kwargs)
