@@ -8,6 +8,8 @@ setup(
     # kernels/ lives at the top of the repository but installs as fastlora.kernels (the names
     # `kernels` and `fastlora` alone are taken on the package index by unrelated projects).
     package_dir={"fastlora": "fastlora", "fastlora.kernels": "kernels"},
+    # the CPU path's C kernel, compiled on first use (fastlora/cpu.py)
+    package_data={"fastlora": ["csrc/*.c"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy"],
     extras_require={

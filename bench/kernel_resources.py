@@ -55,6 +55,8 @@ KERNELS = {
                dict(x_ptr="T", a_ptr="F", s_ptr="A", seed_ptr="i64"),
                ("stride_xk", "stride_ak", "stride_sr"), ("x", "A"),
                {"heavy": (dict(HAS_DROPOUT=True, ATOMIC=True, EVEN_K=False, BLOCK_R=R_MAX), "fp32", "fp32", None),
+                "heavy-r16": (dict(HAS_DROPOUT=True, ATOMIC=True, EVEN_K=False, BLOCK_R=16), "fp32", "fp32", None),
+                "heavy-r32": (dict(HAS_DROPOUT=True, ATOMIC=True, EVEN_K=False, BLOCK_R=32), "fp32", "fp32", None),
                 "even": (dict(HAS_DROPOUT=True, ATOMIC=False, EVEN_K=True, BLOCK_R=16), "T", "T", None)}),
     "fwd": (_FWD._lora_linear_fwd_kernel,
             dict(x_ptr="T", w_ptr="T", s_ptr="A", b_ptr="F", bias_ptr="T", y_ptr="T", scale_ptr="A"),
@@ -73,6 +75,10 @@ KERNELS = {
                ("stride_dyn", "stride_br", "stride_sr", "stride_dsr", "stride_dbr"), ("dy", "B"),
                {"heavy": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=True, EVEN_N=False, BLOCK_R=R_MAX),
                           "fp32", "fp32", None),
+                "heavy-r16": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=True, EVEN_N=False, BLOCK_R=16),
+                              "fp32", "fp32", None),
+                "heavy-r32": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=True, EVEN_N=False, BLOCK_R=32),
+                              "fp32", "fp32", None),
                 "even": (dict(COMPUTE_DS=True, COMPUTE_DB=False, ATOMIC_DS=False, EVEN_N=True, BLOCK_R=16),
                          "T", "T", None)}),
     "bwd_dx": (_BWD._lora_bwd_dx_kernel,
@@ -89,6 +95,10 @@ KERNELS = {
                 "stride_dxk"), ("dS", "x"),
                {"heavy": (dict(DO_DA=True, DO_DB=False, ADD_DX=False, HAS_DROPOUT=True, ATOMIC=True, BLOCK_R=R_MAX),
                           "fp32", "fp32", None),
+                "heavy-r16": (dict(DO_DA=True, DO_DB=False, ADD_DX=False, HAS_DROPOUT=True, ATOMIC=True, BLOCK_R=16),
+                              "fp32", "fp32", None),
+                "heavy-r32": (dict(DO_DA=True, DO_DB=False, ADD_DX=False, HAS_DROPOUT=True, ATOMIC=True, BLOCK_R=32),
+                              "fp32", "fp32", None),
                 "even": (dict(DO_DA=True, DO_DB=True, ADD_DX=False, HAS_DROPOUT=True, ATOMIC=False, BLOCK_R=16),
                          "T", "T", None),
                 "hybrid": (dict(DO_DA=True, DO_DB=False, ADD_DX=True, HAS_DROPOUT=True, ATOMIC=True, BLOCK_R=16),
@@ -203,12 +213,9 @@ def _lora_constexprs(dtype, lora, tf32):
     import torch
     from fastlora.kernels import launch
     td = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-    prev = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
-    try:
+    from unittest import mock
+    with mock.patch.object(launch, "tf32_allowed", lambda: tf32):
         return {**launch.stream_lora_args(td[dtype], td[lora]), **launch.epilogue_lora_args(td[dtype], td[lora])}
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = prev
 
 
 def compile_config(kernel, arch, dtype, cfg, variant="heavy"):

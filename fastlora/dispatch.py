@@ -10,8 +10,9 @@ backward (kernels/lora_forward.py, kernels/lora_backward.py):
   computes dA). One extra read and write of y and of dx; cuBLAS's GEMM speed.
 
 Which is faster depends on the GPU, the shape and the dtype, so it is measured: the first call
-of each key (GPU, compute and LoRA dtypes, M bucket, N, K, r bucket, dropout on/off, weight
-layout, bias, and for the backward which gradients are needed) times both paths on the call's
+of each key (GPU, compute and LoRA dtypes, M bucket, N, K, r bucket, dropout on/off, weight and
+input layouts, bias, torch's fp32 matmul precision when fp32 is involved, and for the backward
+which gradients are needed) times both paths on the call's
 own tensors (a few ms: one warm-up each, which also tunes their kernels, then interleaved timed
 repetitions), keeps the faster in memory and in a JSON file under the user's cache directory
 (``$FASTLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastlora``, else ``~/.cache/fastlora``), one per
@@ -19,14 +20,16 @@ GPU name and keyed by the torch, triton and fastlora versions. A file that canno
 that another version wrote, is ignored with a warning and rewritten. Forward and backward are
 chosen separately (they share only what the forward saves, which both paths produce alike).
 
-Fixed choices, never timed: ``FASTLORA_PATH=fused|hybrid`` (``auto``, the default, measures);
-``torch.use_deterministic_algorithms(True)``: fused (its deterministic mode uses no atomics and
-fixed configs; cuBLAS would also need ``CUBLAS_WORKSPACE_CONFIG``); during CUDA-graph capture with
+Fixed choices, never timed: ``FASTLORA_PATH=fused|hybrid`` (``auto``, the default, measures;
+both paths have a deterministic mode: no atomics, fixed configs, and for cuBLAS torch's
+``CUBLAS_WORKSPACE_CONFIG``); ``torch.use_deterministic_algorithms(True)`` without a forced
+path: fused (cuBLAS would need ``CUBLAS_WORKSPACE_CONFIG``); during CUDA-graph capture with
 nothing known for the key: hybrid, not remembered (timing would be recorded into the graph);
 the backward of r > ``MAX_FULL_RANK``: fused (the hybrid dA pass keeps all of r per program);
 under the Triton interpreter (no GPU to time): fused. :func:`explain_path` says what a call
 takes and why.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -135,10 +138,14 @@ def key_of(kind, x, weight, lora_A, lora_dtype, has_bias, dropout, extra=(), dty
     K = x.shape[-1]
     M = x.numel() // max(K, 1)
     N, r = weight.shape[0], lora_A.shape[0]
+    from .kernels.launch import tf32_allowed
     layout = "t" if weight.stride(0) == 1 and weight.stride(1) != 1 else "n"
+    x_layout = "c" if x.stride(-1) == 1 else "s"
+    fp32 = torch.float32 in (dtype or x.dtype, lora_dtype)
     parts = [kind, str(dtype or x.dtype).removeprefix("torch."), str(lora_dtype).removeprefix("torch."),
              f"M{triton.next_power_of_2(max(M, 1))}", f"N{N}", f"K{K}", f"r{max(16, triton.next_power_of_2(r))}",
-             f"p{int(dropout)}", f"W{layout}", f"b{int(has_bias)}", *extra]
+             f"p{int(dropout)}", f"W{layout}", f"x{x_layout}", f"b{int(has_bias)}",
+             *(["tf32" if tf32_allowed() else "ieee"] if fp32 else []), *extra]
     return "|".join(parts)
 
 
@@ -195,12 +202,14 @@ def choose(device, key, r, kind, runners, interpreted=False, reps=5):
         if decision is not None:
             return decision
         timer = launch.timer("path")
-        for fn in runners.values():
-            fn()  # warm-up: compiles and tunes the path's kernels
-        samples = {p: [] for p in runners}
-        for _ in range(reps):  # interleaved, so that clock drift hits both alike
-            for p, fn in runners.items():
-                samples[p].append(timer(fn))
+        with (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()):
+            # on x's device: the events of the timer are recorded on its current stream
+            for fn in runners.values():
+                fn()  # warm-up: compiles and tunes the path's kernels
+            samples = {p: [] for p in runners}
+            for _ in range(reps):  # interleaved, so that clock drift hits both alike
+                for p, fn in runners.items():
+                    samples[p].append(timer(fn))
         times = tuple(statistics.median(samples[p]) for p in PATHS)
         best = PATHS[min(range(len(PATHS)), key=times.__getitem__)]
         decision = Decision(best, f"measured: fused {times[0]:.4g} ms, hybrid {times[1]:.4g} ms", times)

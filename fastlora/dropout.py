@@ -1,8 +1,9 @@
 """fastlora's dropout mask in pure torch: the same bits the Triton kernels regenerate.
 
 The mask is a pure function of ``(seed, row, column)`` of the flattened ``[M, K]`` LoRA input
-(bit layout: kernels/dropout.py). This module rebuilds it with int64 torch ops on any device,
-for the CPU path, for tests, and for users who want PEFT's eager formula with fastlora's mask.
+(bit layout: kernels/dropout.py). This module rebuilds it with int64 torch ops on any device
+(and, on the CPU, with the C kernel of fastlora/cpu.py), for the CPU path, for tests, and for
+users who want PEFT's eager formula with fastlora's mask.
 """
 import math
 import numbers
@@ -91,7 +92,20 @@ def keep_params(p):
 
 
 def keep_bits(M, K, seed, keep_thresh, device=None, row0=0):
-    """Boolean ``[M, K]`` keep-mask (True = kept) of rows ``row0 .. row0 + M`` for ``seed``."""
+    """Boolean ``[M, K]`` keep-mask (True = kept) of rows ``row0 .. row0 + M`` for ``seed``: on
+    the CPU by fastlora's C kernel (fastlora/cpu.py) when it could be built, else (and on other
+    devices) by :func:`keep_bits_torch`. Both give the same bits."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu":
+        from . import cpu
+        if cpu.library() is not None:
+            return cpu.unpack(cpu.packed_keep(M, K, check_seed(seed), keep_thresh, row0), K, torch.bool)
+    return keep_bits_torch(M, K, seed, keep_thresh, device, row0)
+
+
+def keep_bits_torch(M, K, seed, keep_thresh, device=None, row0=0):
+    """:func:`keep_bits` in int64 torch ops, on any device (in chunks of rows, to bound the int64
+    temporaries)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     seed = check_seed(seed)
     k0, k1 = seed & _U32, seed >> 32

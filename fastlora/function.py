@@ -9,8 +9,9 @@ through the ``torch.library`` operators of fastlora/ops.py, so ``torch.compile``
 Function with no graph break.
 
 Saved for backward: the input tensor itself (no copy), weight, lora_A, lora_B (parameters, no
-copy), ``S`` ``[M, r]`` in fp32 and the seed: nothing else of size M×K or M×N. The dropout mask
-is regenerated from the seed wherever it is needed.
+copy), ``S`` ``[M, r]`` in fp32 and the seed: nothing else of size M×K or M×N. The Triton kernels
+regenerate the dropout mask from the seed wherever it is needed; the torch path on a CPU keeps
+it bit-packed (M·K/8 bytes, 1/32 of an fp32 input) instead.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -48,6 +49,28 @@ def _prepare(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype
     return M, N, K, r, lora_dtype, scaling, scale, p, keep_thresh, keep_scale, backend
 
 
+def forward_no_grad(input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None,
+                    lora_dtype=None, shapes=None):
+    """y alone, without autograd or the operator dispatch: for calls that need no gradient (eval,
+    ``torch.no_grad``, decoding), where those layers cost more than the math at small M. Same
+    validation (``shapes``: the ``(M, N, K, r)`` of an earlier :func:`check_inputs`), seed draw and
+    result as :class:`LoRALinearFunction`."""
+    M, N, K, r = shapes or check_inputs(input, weight, lora_A, lora_B, bias)
+    lora_dtype = check_lora_dtype(lora_dtype, lora_A)
+    scaling, scale = check_scaling(scaling, input.device)
+    p = check_dropout_p(dropout_p)
+    keep_thresh, keep_scale = keep_params(p) if p > 0 else (0, 1.0)
+    backend = forced_backend()
+    if backend:
+        select_backend(input.device, input.dtype, lora_dtype)  # a forced backend that cannot compute this raises
+    seed_t = _seed_tensor(seed, input.device) if p > 0 else None
+    if M == 0:
+        return input.new_empty((*input.shape[:-1], N))
+    y, _, _ = ops.forward_impl(input.reshape(M, K), weight, lora_A, lora_B, scaling, scale, bias, seed_t,
+                               keep_thresh, keep_scale, lora_dtype, backend, "")
+    return y.view(*input.shape[:-1], N)
+
+
 def _forward(input, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, lora_dtype):
     M, N, K, r, lora_dtype, scaling, scale, p, keep_thresh, keep_scale, backend = _prepare(
         input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype)
@@ -57,18 +80,19 @@ def _forward(input, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, lora
     if M == 0:
         y = input.new_empty((M, N))
         S = input.new_empty((0, r), dtype=acc_dtype_of(input.dtype, lora_dtype))
+        mask = input.new_empty(0, dtype=torch.uint8)
     else:
-        y, S = ops.lora_linear_fwd(input.reshape(M, K), weight, lora_A, lora_B, scaling, scale, bias, seed_t,
-                                   keep_thresh, keep_scale, lora_dtype, backend, "")
+        y, S, mask = ops.forward(input.reshape(M, K), weight, lora_A, lora_B, scaling, scale, bias, seed_t,
+                                         keep_thresh, keep_scale, lora_dtype, backend, "")
     # _unsafe_view: the result is not a view in autograd's eyes, so in-place ops on it work.
     # No dropout: an empty seed (torch.func mishandles None outputs).
     seed_out = seed_t if seed_t is not None else input.new_empty(0, dtype=torch.int64)
-    return torch.ops.aten._unsafe_view(y, (*input.shape[:-1], N)), S, seed_out
+    return torch.ops.aten._unsafe_view(y, (*input.shape[:-1], N)), S, seed_out, mask
 
 
 def _setup_context(ctx, inputs, output):
     input, weight, lora_A, lora_B, scaling, bias, dropout_p, _, lora_dtype = inputs
-    _, S, seed_t = output
+    _, S, seed_t, mask = output
     seed_t = seed_t if seed_t.numel() else None
     _, _, _, _, lora_dtype, scaling, scale, _, keep_thresh, keep_scale, backend = _prepare(
         input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype)
@@ -76,7 +100,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero "gradients" for S and the seed
     # optional tensors saved by position (torch.func's saved-tensor handling does not keep Nones)
     ctx.has_seed, ctx.has_scale = seed_t is not None, scale is not None
-    ctx.save_for_backward(input, weight, lora_A, lora_B, S, *(t for t in (seed_t, scale) if t is not None))
+    ctx.save_for_backward(input, weight, lora_A, lora_B, S, mask, *(t for t in (seed_t, scale) if t is not None))
     ctx.scaling, ctx.keep, ctx.backend, ctx.lora_dtype = scaling, (keep_thresh, keep_scale), backend, lora_dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -87,10 +111,10 @@ def _no_jvp(ctx, *tangents):
                               "vjp, jacrev, or .backward())")
 
 
-def _backward(ctx, dy, _dS=None, _dseed=None):
+def _backward(ctx, dy, _dS=None, _dseed=None, _dmask=None):
     if dy is None:  # y did not reach the loss (grads are not materialised as zeros)
         return (None,) * 9
-    input, weight, lora_A, lora_B, S, *rest = ctx.saved_tensors
+    input, weight, lora_A, lora_B, S, mask, *rest = ctx.saved_tensors
     seed_t = rest.pop(0) if ctx.has_seed else None
     scale = rest.pop(0) if ctx.has_scale else None
     need_dx, need_dW, need_dA, need_dB, _, need_db = (tuple(ctx.needs_input_grad) + (False,) * 6)[:6]
@@ -105,7 +129,7 @@ def _backward(ctx, dy, _dS=None, _dseed=None):
         dA = torch.zeros_like(lora_A) if need_dA else None
         dB = torch.zeros_like(lora_B) if need_dB else None
     elif need_dx or need_dA or need_dB:
-        dx, dAB = ops.lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, ctx.scaling, scale, seed_t, *ctx.keep,
+        dx, dAB = ops.backward(dy, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t, *ctx.keep,
                                       need_dx, need_dA, need_dB, ctx.lora_dtype, ctx.backend, "")
         n_db = N * r if need_dB else 0
         dx = dx if need_dx else None
@@ -122,9 +146,10 @@ def _backward(ctx, dy, _dS=None, _dseed=None):
 
 
 class LoRALinearCore(torch.autograd.Function):
-    """The autograd Function under :class:`LoRALinearFunction`: ``apply`` returns ``(y, S, seed)``
-    (S and the seed drawn for the dropout mask are what the backward needs, non-differentiable;
-    returning them is how torch.func's ``setup_context`` protocol lets them be saved)."""
+    """The autograd Function under :class:`LoRALinearFunction`: ``apply`` returns ``(y, S, seed,
+    mask)`` (S, the seed drawn for the dropout mask and, on the CPU's torch path, the bit-packed
+    mask are what the backward needs, non-differentiable; returning them is how torch.func's
+    ``setup_context`` protocol lets them be saved)."""
 
     generate_vmap_rule = True
     forward = staticmethod(_forward)

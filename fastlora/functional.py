@@ -3,7 +3,15 @@ import torch
 
 from ._checks import AUTOCAST_ELIGIBLE, autocast_enabled, check_inputs, check_scaling
 from .dropout import check_dropout_p, check_seed
-from .function import LoRALinearFunction
+from .function import LoRALinearFunction, forward_no_grad
+
+
+def _needs_grad(*tensors):
+    """Whether autograd must record this call (under torch.compile always take the recorded path:
+    one graph whatever the grad mode)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropout_p=0.0, training=True,
@@ -53,7 +61,7 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     """
     device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
     autocast = autocast_enabled(device_type)
-    check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=not autocast)
+    shapes = check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=not autocast)
     check_scaling(scaling, input.device)
     p = check_dropout_p(dropout_p)
     if not training:
@@ -61,6 +69,8 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     if seed is not None and not isinstance(seed, torch.Tensor):
         check_seed(seed)
     if not autocast:
+        if not _needs_grad(input, weight, lora_A, lora_B, bias, scaling):
+            return forward_no_grad(input, weight, lora_A, lora_B, scaling, bias, p, seed, None, shapes)
         return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed, None)
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -69,4 +79,6 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
 
     input, weight, bias = cast(input), cast(weight), cast(bias)
     with torch.autocast(device_type, enabled=False):
+        if not _needs_grad(input, weight, lora_A, lora_B, bias, scaling):
+            return forward_no_grad(input, weight, lora_A, lora_B, scaling, bias, p, seed, dtype)
         return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed, dtype)

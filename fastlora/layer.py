@@ -3,6 +3,7 @@
 State-dict keys ``weight`` ``[out, in]`` (``[in, out]`` for a GPT-2 ``Conv1D`` base), ``bias``
 ``[out]``, ``lora_A.weight`` ``[r, in]``, ``lora_B.weight`` ``[out, r]`` (PEFT's shapes).
 """
+import functools
 import math
 import numbers
 import warnings
@@ -19,13 +20,19 @@ from .reference import acc_dtype_of
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def is_conv1d(module):
-    """True for transformers' GPT-2 style ``Conv1D`` (weight stored ``[in, out]``)."""
+@functools.lru_cache(maxsize=None)
+def _conv1d_class():
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # without transformers there is no Conv1D to meet
-        return False
-    return isinstance(module, Conv1D)
+        return None
+    return Conv1D
+
+
+def is_conv1d(module):
+    """True for transformers' GPT-2 style ``Conv1D`` (weight stored ``[in, out]``)."""
+    cls = _conv1d_class()
+    return cls is not None and isinstance(module, cls)
 
 
 def adapter_dtype_for(dtype):

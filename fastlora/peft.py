@@ -26,6 +26,7 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from .functional import lora_linear
 from .layer import is_conv1d
@@ -74,10 +75,9 @@ def _plain_weight(t):
 def _base_is_hooked(base):
     """The base layer's forward carries behaviour fastlora would skip: hooks (its own or global
     ones, accelerate's offloading hook) or a forward replaced on the instance."""
-    from torch.nn.modules import module as nn_module
-    return bool(base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
-                or "forward" in base.__dict__ or nn_module._global_forward_hooks
-                or nn_module._global_forward_pre_hooks)
+    d = base.__dict__
+    return bool(base._forward_hooks or base._forward_pre_hooks or "_hf_hook" in d or "forward" in d
+                or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
 
 
 def _hooked(module):
@@ -99,42 +99,52 @@ def static_skip_reason(layer):
 
 
 def _fallback_reason(layer, x, args, kwargs):
-    """Why this call cannot be fused (None if it can), and the active adapter otherwise. The
-    fused op replaces exactly ``base_layer(x) + lora_B(lora_A(dropout(x)))·scaling``; anything
-    else in that computation (another tuner layer, hooks, a replaced forward) runs PEFT's."""
+    """Why this call cannot be fused (None if it can), and otherwise the pieces the fused call
+    uses: ``(adapter, base, lora_A, lora_B, dropout)``. The fused op replaces exactly
+    ``base_layer(x) + lora_B(lora_A(dropout(x)))·scaling``; anything else in that computation
+    (another tuner layer, hooks, a replaced forward) runs PEFT's. Runs at every call: written to
+    read each attribute once (module attribute lookups dominate its cost at decode sizes)."""
     if layer.disable_adapters:
         return "adapters disabled", None
-    if kwargs.get("adapter_names") is not None:
+    if kwargs and kwargs.get("adapter_names") is not None:
         return "per-call adapter_names", None
     if layer.merged:
         return "adapter merged", None
-    if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
+    if args or (kwargs and any(v is not None for k, v in kwargs.items() if k != "adapter_names")):
         return "extra forward arguments", None
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    mods = layer._modules
+    lora_As = mods["lora_A"]._modules
+    active = [a for a in layer.active_adapters if a in lora_As]
     if len(active) != 1:
         return f"{len(active)} active adapters", None
     adapter = active[0]
-    if adapter in getattr(layer, "lora_variant", {}):
-        return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}", None
-    if getattr(layer, "use_dora", {}).get(adapter, False):
+    variants = layer.__dict__.get("lora_variant") or {}
+    if adapter in variants:
+        return f"LoRA variant {type(variants[adapter]).__name__}", None
+    if (layer.__dict__.get("use_dora") or {}).get(adapter, False):
         return "DoRA", None
-    static = static_skip_reason(layer)
-    if static is not None:
-        return static, None
-    base = layer.base_layer
-    if not _plain_weight(base.weight) or (base.bias is not None and not _plain_weight(base.bias)):
+    base = mods["base_layer"]
+    if type(base) is not nn.Linear:
+        static = static_skip_reason(layer)
+        if static is not None:
+            return static, None
+    params = base._parameters
+    weight, bias = params.get("weight"), params.get("bias")
+    if not _plain_weight(weight) or (bias is not None and not _plain_weight(bias)):
         return "quantized, sharded or empty base weight", None
     if _base_is_hooked(base):
         return "hooks on the base layer", None
-    if base.weight.device != x.device:
-        return f"base weight on {base.weight.device}, input on {x.device}", None
-    if not (_plain_weight(layer.lora_A[adapter].weight) and _plain_weight(layer.lora_B[adapter].weight)):
+    if weight.device != x.device:
+        return f"base weight on {weight.device}, input on {x.device}", None
+    lora_A, lora_B = lora_As[adapter], mods["lora_B"]._modules[adapter]
+    dropout = mods["lora_dropout"]._modules[adapter]
+    if not (_plain_weight(lora_A._parameters.get("weight")) and _plain_weight(lora_B._parameters.get("weight"))):
         return "sharded or empty adapter weight", None
-    if type(layer.lora_dropout[adapter]) not in (nn.Dropout, nn.Identity):
-        return f"dropout module {type(layer.lora_dropout[adapter]).__name__}", None
-    if any(_hooked(m) for m in (layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter])):
+    if type(dropout) not in (nn.Dropout, nn.Identity):
+        return f"dropout module {type(dropout).__name__}", None
+    if _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout):
         return "hooks on lora_A / lora_B / lora_dropout", None
-    return None, adapter
+    return None, (adapter, base, lora_A, lora_B, dropout)
 
 
 class FastLoraPeftLinear(PeftLoraLinear):
@@ -147,22 +157,20 @@ class FastLoraPeftLinear(PeftLoraLinear):
         return PeftLoraLinear.__name__
 
     def forward(self, x, *args, **kwargs):
-        reason, adapter = _fallback_reason(self, x, args, kwargs)
+        reason, parts = _fallback_reason(self, x, args, kwargs)
         if reason is not None:
             self._fastlora_fallback(reason)
             return super().forward(x, *args, **kwargs)
-        base = self.get_base_layer()
+        adapter, base, lora_A, lora_B, dropout = parts
         weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
         scaling = self.scaling[adapter]
         bias = base.bias
-        if getattr(self, "lora_bias", {}).get(adapter, False) and lora_B.bias is not None:
+        if (self.__dict__.get("lora_bias") or {}).get(adapter, False) and lora_B.bias is not None:
             extra = scaling * lora_B.bias
             bias = extra if bias is None else bias + extra.to(bias.dtype)
         if bias is not None and bias.dtype != weight.dtype:
             bias = bias.to(weight.dtype)
-        dropout = self.lora_dropout[adapter]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        p = dropout.p if type(dropout) is nn.Dropout else 0.0
         return lora_linear(x, weight, lora_A.weight, lora_B.weight, scaling, bias, dropout_p=p,
                            training=dropout.training)
 

@@ -238,12 +238,7 @@ def candidates(kernel, arch, itemsize, args, device):
             tiles = triton.cdiv(M, c.kwargs["BLOCK_M"]) * triton.cdiv(args["R"], args["BLOCK_R"])
             s = 1 if det else _effective(total, block, split_count(tiles, triton.cdiv(total, block), device))
             out += _with_splits(c, sorted({1, s}))
-        elif kernel == "bwd_da":
-            tiles = triton.cdiv(args["WIDEST"], c.kwargs["BLOCK_K"]) * triton.cdiv(args["R"], args["BLOCK_R"])
-            s = 1 if det else split_count(tiles * args["PRODUCTS"], triton.cdiv(M, c.kwargs["BLOCK_M"]), device,
-                                          min_steps=1)
-            out += _with_splits(c, [s])
-        else:
+        else:  # (the dA pass's row split is derived from the real M at each launch: HEURISTICS)
             out.append(c)
     return out
 
@@ -257,8 +252,6 @@ def interpreter_config(kernel, args):
         meta["SPLIT"] = 1 if det else _effective(args["K"], meta["BLOCK_K"], 2)
     elif kernel == "bwd_dy":
         meta["SPLIT"] = 1 if det else _effective(args["N"], meta["BLOCK_N"], 2)
-    elif kernel == "bwd_da":
-        meta["SPLIT"] = 1 if det else max(1, min(4, triton.cdiv(args["M"], meta["BLOCK_M"])))
     return meta
 
 
@@ -278,10 +271,25 @@ HEURISTICS = {
                "N_PER_SPLIT": lambda a: _per_split(a["N"], a["BLOCK_N"], a["SPLIT"]),
                "ATOMIC_DS": lambda a: a["SPLIT"] > 1},
     "bwd_dx": {"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0},
-    "bwd_da": {"ATOMIC": lambda a: a["SPLIT"] > 1},
+    "bwd_da": {"SPLIT": lambda a: _row_slabs(a), "ATOMIC": lambda a: a["SPLIT"] > 1},
 }
 
 
+def _row_slabs(a):
+    """The dA pass's row slabs for the real M: ~2 programs per SM, no empty slab (1 in
+    deterministic mode)."""
+    blocks = triton.cdiv(a["M"], a["BLOCK_M"])
+    if a.get("DETERMINISTIC", False):
+        return 1
+    tiles = triton.cdiv(a["WIDEST"], a["BLOCK_K"]) * triton.cdiv(a["R"], a["BLOCK_R"]) * a["PRODUCTS"]
+    want = max(1, min(triton.cdiv(2 * a["SM_COUNT"], tiles), blocks))
+    return triton.cdiv(blocks, triton.cdiv(blocks, want))
+
+
 def derived_meta(kernel, args):
-    """Values of ``HEURISTICS[kernel]`` for the launch arguments + config ``args``."""
-    return {name: fn(args) for name, fn in HEURISTICS[kernel].items()}
+    """Values of ``HEURISTICS[kernel]`` for the launch arguments + config ``args`` (in order: a
+    later one may read an earlier one)."""
+    a, out = dict(args), {}
+    for name, fn in HEURISTICS[kernel].items():
+        out[name] = a[name] = fn(a)
+    return out

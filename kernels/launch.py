@@ -193,7 +193,8 @@ def _device_context(device):
 
 def choose_config(name, device, arch, itemsize, args, trial, fixed=False):
     """The config to launch kernel ``name`` with on ``device`` (config family ``arch``);
-    ``trial(cfg)`` runs it once on scratch outputs."""
+    ``trial(cfg)`` returns a function that runs it once on scratch outputs (allocated once per
+    candidate, so that the timing measures the kernel, not the allocation)."""
     cands = configs.candidates(name, arch, itemsize, args, device)
     if fixed or not autotune_enabled() or len(cands) == 1:
         return cands[0]
@@ -206,7 +207,7 @@ def choose_config(name, device, arch, itemsize, args, trial, fixed=False):
     with _TUNE_LOCK:
         best = _BEST.get(key)
         if best is None:
-            times = [_TIMERS["config"](lambda c=c: trial(c)) for c in cands]
+            times = [_TIMERS["config"](trial(c)) for c in cands]
             best = cands[min(range(len(cands)), key=times.__getitem__)]
             _BEST[key] = best
     return best
@@ -243,10 +244,12 @@ def launch(name, raw_fn, grid, device, itemsize, args, outputs=None, fixed=False
         outs = outputs(meta, False)
         run(meta, {}, outs)
         return meta, outs
+    def trial(c):
+        outs = outputs(c.kwargs, True)
+        return lambda: run(c.kwargs, dict(num_warps=c.num_warps, num_stages=c.num_stages), outs)
+
     with _device_context(device):
-        cfg = choose_config(name, device, _arch(device), itemsize, args,
-                            lambda c: run(c.kwargs, dict(num_warps=c.num_warps, num_stages=c.num_stages),
-                                          outputs(c.kwargs, True)), fixed)
+        cfg = choose_config(name, device, _arch(device), itemsize, args, trial, fixed)
         outs = outputs(cfg.kwargs, False)
         run(cfg.kwargs, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), outs)
     return cfg.kwargs, outs

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from . import configs
 from .dropout import dropout_keep
-from .precision import dot_pieces, fold, split
+from .precision import dot_pieces, split
 from .launch import cdiv, dot_precision, epilogue_lora_args, launch, stream_lora_args, tile_addressable
 from .tiling import grouped_tile
 
@@ -98,7 +98,6 @@ def _lora_bwd_dy_kernel(
     # -- N loop, from a row-block-dependent start: one read of dy feeds dS and the partial dB ---
     first = pid_m % n_blocks
     acc_ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
-    acc_ds_lo = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
     for i in range(0, n_blocks):
         j = i + first
         j = tl.where(j >= n_blocks, j - n_blocks, j)
@@ -113,17 +112,14 @@ def _lora_bwd_dy_kernel(
             b = tl.load(b_ptrs + tl.cast(n0, tl.int64) * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
                         other=0.0)
             b0, b1, b2 = split(b, LORA_DTYPE, PIECES)
-            acc_ds, acc_ds_lo = dot_pieces(dy, b0, b1, b2, acc_ds, acc_ds_lo, True, PIECES, LORA_PRECISION)
+            acc_ds = dot_pieces(dy, b0, b1, b2, acc_ds, True, PIECES, LORA_PRECISION)
         if COMPUTE_DB:
             part = tl.zeros((BLOCK_R, BLOCK_N), dtype=acc_dtype)
-            part_lo = tl.zeros((BLOCK_R, BLOCK_N), dtype=acc_dtype)
-            part, part_lo = dot_pieces(dy, s0, s1, s2, part, part_lo, False, PIECES, LORA_PRECISION)
-            part = fold(part, part_lo, PIECES) * scaling
+            part = dot_pieces(dy, s0, s1, s2, part, False, PIECES, LORA_PRECISION) * scaling
             tl.atomic_add(db_ptrs + tl.cast(n0, tl.int64) * stride_dbn, part,
                           mask=mask_r[:, None] & mask_n[None, :], sem="relaxed")
     # -- store (or add) dS ----------------------------------------------------------------------
     if COMPUTE_DS:
-        acc_ds = fold(acc_ds, acc_ds_lo, PIECES)
         ds_ptrs = ds_ptr + tl.cast(m_start, tl.int64) * stride_dsm + r_start * stride_dsr
         ds_ptrs += rm[:, None] * stride_dsm + rr[None, :] * stride_dsr
         if ATOMIC_DS:
@@ -251,10 +247,8 @@ def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, C, R
         seed = tl.load(seed_ptr)
     if ADD_DX:
         acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=acc_dtype)
-        acc_lo = tl.zeros((BLOCK_K, BLOCK_R), dtype=acc_dtype)
     else:
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=acc_dtype)
-        acc_lo = tl.zeros((BLOCK_R, BLOCK_K), dtype=acc_dtype)
     for m0 in range(m_begin, m_end, BLOCK_M):
         mask_m = rm < m_end - m0
         g = tl.load(g_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
@@ -266,11 +260,10 @@ def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, C, R
                 v = v * keep.to(v.dtype)  # exact; a multiply, so NaN·0 = NaN as in torch's dropout
             if ADD_DX:
                 g0, g1, g2 = split(g, LORA_DTYPE, PIECES)
-                acc, acc_lo = dot_pieces(tl.trans(v.to(LORA_DTYPE)), g0, g1, g2, acc, acc_lo, True, PIECES,
-                                         LORA_PRECISION)
+                acc = dot_pieces(tl.trans(v.to(LORA_DTYPE)), g0, g1, g2, acc, True, PIECES, LORA_PRECISION)
             else:
                 g0, g1, g2 = split(tl.trans(g), LORA_DTYPE, PIECES)
-                acc, acc_lo = dot_pieces(v.to(LORA_DTYPE), g0, g1, g2, acc, acc_lo, False, PIECES, LORA_PRECISION)
+                acc = dot_pieces(v.to(LORA_DTYPE), g0, g1, g2, acc, False, PIECES, LORA_PRECISION)
         if ADD_DX:
             d = tl.dot(g.to(EPI_DTYPE), a, input_precision=EPI_PRECISION, out_dtype=acc_dtype)
             if HAS_DROPOUT:
@@ -282,7 +275,6 @@ def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, C, R
         g_ptrs += g_step
         v_ptrs += v_step
     if REDUCE:
-        acc = fold(acc, acc_lo, PIECES)
         if HAS_DROPOUT:
             acc = acc * keep_scale
         if HAS_SCALE:
@@ -325,8 +317,8 @@ def _lora_bwd_da_kernel(
     pid_s = tl.program_id(2)
     n_rb = tl.cdiv(R, BLOCK_R)
     pid_r = pid_1 % n_rb
-    if DO_DA and DO_DB:
-        which = pid_1 // n_rb  # 0: dA (and dx), 1: dB
+    if (DO_DA or ADD_DX) and DO_DB:
+        which = pid_1 // n_rb  # 0: dA and / or dx's LoRA term, 1: dB
     elif DO_DA or ADD_DX:
         which = 0
     else:
@@ -479,6 +471,7 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
                  stride_dxm=dx_arg.stride(0), stride_dxk=dx_arg.stride(1),
                  keep_thresh=keep_thresh, keep_scale=keep_scale, M_KEY=mk,
                  DO_DA=need_dA, DO_DB=b3_db, ADD_DX=add_dx, HAS_DROPOUT=has_dropout, BLOCK_R=r_block,
-                 DETERMINISTIC=deterministic, WIDEST=widest, PRODUCTS=products, **stream, **epi),
+                 DETERMINISTIC=deterministic, WIDEST=widest, PRODUCTS=products, SM_COUNT=configs.sm_count(device),
+                 **stream, **epi),
             b3_outputs, fixed=deterministic)
     return dx, dAB

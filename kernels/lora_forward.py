@@ -41,11 +41,14 @@ SASS to check it). Block bases are int64, in-tile offsets int32 (kernels/launch.
 
 Saved for backward (by fastlora.function): x itself, S (M·r fp32) and the seed.
 
-Rounding: x̃ = m ⊙ x is formed in fp32 and rounded to L once (PEFT's dropout output); s·S is
-rounded to L once; every dot accumulates in fp32 (fp64 for fp64); y is rounded once (fused path)
-or twice (hybrid: the base output, then the sum, exactly PEFT's order). fp32 dots of the base
-GEMM use tf32 iff torch allows it; fp32 LoRA dots use tf32 iff torch allows it, else ``tf32x3``
-(three tf32 MMAs, about fp32's accuracy at tensor-core speed).
+Rounding: the dropped-out input is formed as keep ⊙ x (exact) and the dropout scale multiplies
+the accumulated S; S is rounded to L once for the expand; every dot accumulates in fp32 (fp64
+for fp64); y is rounded once (fused path) or twice (hybrid: the base output, then the sum,
+exactly PEFT's order). fp32 dots of the base GEMM use tf32 iff torch allows it (else ieee). The
+LoRA products: in L's own precision when L is the model dtype; for fp32 LoRA math on a 16-bit
+model, the shrink splits A into pieces of the model dtype (kernels/precision.py: exact, on tensor
+cores) and the GEMM epilogues' fp32 products use tf32x3 (tf32 if torch allows it), far below
+the output's 16-bit rounding.
 """
 import torch
 import triton
@@ -53,7 +56,7 @@ import triton.language as tl
 
 from . import configs
 from .dropout import dropout_keep
-from .precision import dot_pieces, fold, split
+from .precision import dot_pieces, split
 from .launch import cdiv, dot_precision, epilogue_lora_args, launch, stream_lora_args, tile_addressable
 from .tiling import grouped_tile
 
@@ -98,7 +101,6 @@ def _lora_shrink_kernel(
         seed = tl.load(seed_ptr)
     # -- K loop: acc += (keep ⊙ x)·Aᵀ; the dropout scale multiplies the sum -------------------
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
-    acc_lo = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
@@ -111,10 +113,9 @@ def _lora_shrink_kernel(
             keep = dropout_keep(seed, m_start + rm, k0, keep_thresh, BLOCK_M, BLOCK_K)
             x = x * keep.to(x.dtype)  # exact; a multiply, so NaN·0 = NaN as in torch's dropout
         p0, p1, p2 = split(a, LORA_DTYPE, PIECES)
-        acc, acc_lo = dot_pieces(x.to(LORA_DTYPE), p0, p1, p2, acc, acc_lo, True, PIECES, LORA_PRECISION)
+        acc = dot_pieces(x.to(LORA_DTYPE), p0, p1, p2, acc, True, PIECES, LORA_PRECISION)
         x_ptrs += x_step
         a_ptrs += a_step
-    acc = fold(acc, acc_lo, PIECES)
     if HAS_DROPOUT:
         acc = acc * keep_scale
     # -- store (or add) the S tile --------------------------------------------------------------

@@ -120,11 +120,18 @@ def test_unwritable_cache_warns_and_keeps_working(monkeypatch, fresh):
 def test_key_names_what_the_choice_depends_on():
     x, W, A, _, _, _ = make_inputs(100, 48, 64, 12, torch.float16, "cpu")
     k = dispatch.key_of("fwd", x, W, A, torch.float32, True, True)
-    assert k == "fwd|float16|float32|M128|N48|K64|r16|p1|Wn|b1"
+    assert k == "fwd|float16|float32|M128|N48|K64|r16|p1|Wn|xc|b1|ieee"  # fp32 LoRA math: torch's precision too
     assert dispatch.key_of("fwd", x[:90], W, A, torch.float32, True, True) == k  # same M bucket
     assert dispatch.key_of("fwd", x, W.t().contiguous().t(), A, torch.float32, True, True) != k  # Conv1D layout
     assert dispatch.key_of("fwd", x, W, A, torch.float16, True, True) != k
     assert dispatch.key_of("fwd", x, W, A, torch.float32, True, False) != k
+    assert dispatch.key_of("fwd", x.t().contiguous().t(), W, A, torch.float32, True, True) != k  # x transposed
+    prev = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        assert dispatch.key_of("fwd", x, W, A, torch.float32, True, True).endswith("|tf32")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = prev
 
 
 @pytest.mark.skipif(not INTERPRETED or HAS_CUDA, reason="measures both paths under the interpreter")

@@ -77,3 +77,61 @@ def test_hybrid_backward_refuses_large_ranks_when_called_directly():
     S = torch.zeros(8, A.shape[0], device=DEVICE)
     with pytest.raises(ValueError, match="hybrid backward needs r <="):
         lora_linear_bwd(dy, x, W, A, B, S, torch.ones(1, device=DEVICE), path="hybrid")
+
+
+@pytest.mark.parametrize("path", ["fused", "hybrid"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("need", ["xAB", "xB", "xA", "AB", "x", "A", "B"])
+def test_every_gradient_subset_on_both_paths_and_modes(monkeypatch, path, deterministic, need):
+    """Each subset of (dx, dA, dB) on each path, with atomics and deterministically (the hybrid
+    dA pass also carries dx's term and, deterministically, dB: three products in one launch)."""
+    monkeypatch.setenv("FASTLORA_PATH", path)
+    x, W, A, B, b, dy = make_inputs(70, 40, 96, 12, torch.float32, DEVICE)
+    ts = {"x": x, "A": A, "B": B}
+    for k in need:
+        ts[k].requires_grad_()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        y = fastlora.lora_linear(x, W, A, B, 1.5, b, dropout_p=0.2, seed=4)
+        y.backward(dy)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    ref = oracle(x, W, A, B, b, 1.5, fastlora.dropout_mask(x.shape, 0.2, 4, device=DEVICE, dtype=torch.float64), dy)
+    for k, i in (("x", 1), ("A", 3), ("B", 4)):
+        if k in need:
+            assert_close(f"d{k}", ts[k].grad, ref[i], torch.float32, 136, BACKEND)
+        else:
+            assert ts[k].grad is None
+
+
+@pytest.mark.parametrize("path", ["fused", "hybrid"])
+@pytest.mark.parametrize("scale", [1e-20, 1e-8, 1.0, 1e6])
+def test_fp32_lora_math_on_fp16_holds_over_magnitudes(monkeypatch, path, scale):
+    """fp32 adapters on an fp16 model: the split of the fp32 operand into fp16 pieces stays exact
+    for gradients far below and above fp16's range (dS is tiny early in training, B starting at 0)."""
+    monkeypatch.setenv("FASTLORA_PATH", path)
+    x, W, A, B, _, dy = make_inputs(64, 48, 96, 16, torch.float16, DEVICE, bias=False)
+    B = (B * scale).requires_grad_()
+    A.requires_grad_()
+    fastlora.lora_linear(x, W, A, B, 1.0).backward(dy)
+    ref = oracle(x, W, A, B, None, 1.0, None, dy)
+    for name, g, r in (("dA", A.grad, ref[3]), ("dB", B.grad, ref[4])):
+        rel = ((g.double() - r).norm() / r.norm()).item()
+        assert rel < 1e-6, f"{name} at scale {scale}: {rel:.2e} (fp32 math gives ~2e-7)"
+
+
+@pytest.mark.parametrize("path", ["fused", "hybrid"])
+def test_the_autograd_function_under_autocast_keeps_its_dtypes(monkeypatch, path):
+    """LoRALinearFunction does no autocast handling: inside an autocast region it computes in its
+    inputs' dtypes on both paths (cuBLAS's GEMMs included), forward and backward."""
+    monkeypatch.setenv("FASTLORA_PATH", path)
+    x, W, A, B, b, dy = make_inputs(40, 48, 64, 8, torch.float32, DEVICE)
+    x.requires_grad_()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        y = fastlora.LoRALinearFunction.apply(x, W, A, B, 2.0, b)
+        y.backward(dy)
+    assert y.dtype == torch.float32
+    ref = oracle(x, W, A, B, b, 2.0, None, dy)
+    assert_close("y", y, ref[0], torch.float32, 72, BACKEND)
+    assert_close("dx", x.grad, ref[1], torch.float32, 56, BACKEND)

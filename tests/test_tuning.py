@@ -30,7 +30,7 @@ def raw(name):
 
 def _args(kernel, M=4096, N=4096, K=4096, R=16, det=False, add_dx=False):
     return dict(M=M, M_KEY=configs.m_key(M), N=N, K=K, R=R, BLOCK_R=configs.block_r(R), DETERMINISTIC=det,
-                ADD_DX=add_dx, WIDEST=K, PRODUCTS=1)
+                ADD_DX=add_dx, WIDEST=K, PRODUCTS=1, SM_COUNT=4)
 
 
 @pytest.mark.parametrize("name", list(_KERNELS))
@@ -119,7 +119,7 @@ def test_tuned_launch_path_end_to_end(monkeypatch, path):
 
     trials = []
     times = itertools.cycle([3.0, 1.0, 2.0, 5.0, 4.0])
-    monkeypatch.setitem(launch._TIMERS, "config", lambda fn: (fn(), trials.append(1), next(times))[2])
+    monkeypatch.setitem(launch._TIMERS, "config", lambda fn: (fn(), fn(), trials.append(1), next(times))[3])
     monkeypatch.setattr(launch, "is_interpreted", lambda fn: False)
     monkeypatch.setattr(launch, "_arch", lambda device: "sm90")
     launch.reset_tuning()
