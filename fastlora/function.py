@@ -37,16 +37,23 @@ def _seed_tensor(seed, device):
     return torch.tensor([value], dtype=torch.int64, device=device)  # a copy, no kernel launch
 
 
-def _prepare(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype):
-    """Validated call constants: ``(M, N, K, r, lora_dtype, scaling float, scale tensor or None,
-    p, keep_thresh, keep_scale, backend)``."""
-    M, N, K, r = check_inputs(input, weight, lora_A, lora_B, bias)
-    lora_dtype = check_lora_dtype(lora_dtype, lora_A)
-    scaling, scale = check_scaling(scaling, input.device)
-    p = check_dropout_p(dropout_p)
-    keep_thresh, keep_scale = keep_params(p) if p > 0 else (0, 1.0)
-    backend = forced_backend()  # "" = decided by the operator; the backward uses the same
-    return M, N, K, r, lora_dtype, scaling, scale, p, keep_thresh, keep_scale, backend
+class _Call:
+    """The validated constants of one call (what the backward needs besides tensors)."""
+    __slots__ = ("M", "N", "K", "r", "lora_dtype", "scaling", "scale", "p", "keep_thresh", "keep_scale", "backend")
+
+    def __init__(self, input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype, shapes=None,
+                 resolve=False):
+        self.M, self.N, self.K, self.r = shapes or check_inputs(input, weight, lora_A, lora_B, bias)
+        self.lora_dtype = check_lora_dtype(lora_dtype, lora_A)
+        self.scaling, self.scale = check_scaling(scaling, input.device)
+        self.p = check_dropout_p(dropout_p)
+        self.keep_thresh, self.keep_scale = keep_params(self.p) if self.p > 0 else (0, 1.0)
+        # "" = decided by the operator at run time (torch.compile graphs); ``resolve``: decided now,
+        # once for the forward and the backward (eager calls). A forced backend that cannot compute
+        # this raises.
+        self.backend = forced_backend()
+        if self.backend or resolve:
+            self.backend = select_backend(input.device, input.dtype, self.lora_dtype)[0]
 
 
 def forward_no_grad(input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None,
@@ -55,54 +62,60 @@ def forward_no_grad(input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropo
     ``torch.no_grad``, decoding), where those layers cost more than the math at small M. Same
     validation (``shapes``: the ``(M, N, K, r)`` of an earlier :func:`check_inputs`), seed draw and
     result as :class:`LoRALinearFunction`."""
-    M, N, K, r = shapes or check_inputs(input, weight, lora_A, lora_B, bias)
-    lora_dtype = check_lora_dtype(lora_dtype, lora_A)
-    scaling, scale = check_scaling(scaling, input.device)
-    p = check_dropout_p(dropout_p)
-    keep_thresh, keep_scale = keep_params(p) if p > 0 else (0, 1.0)
-    backend = forced_backend()
-    if backend:
-        select_backend(input.device, input.dtype, lora_dtype)  # a forced backend that cannot compute this raises
-    seed_t = _seed_tensor(seed, input.device) if p > 0 else None
-    if M == 0:
-        return input.new_empty((*input.shape[:-1], N))
-    y, _, _ = ops.forward_impl(input.reshape(M, K), weight, lora_A, lora_B, scaling, scale, bias, seed_t,
-                               keep_thresh, keep_scale, lora_dtype, backend, "")
-    return y.view(*input.shape[:-1], N)
+    c = _Call(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype, shapes, resolve=True)
+    seed_t = _seed_tensor(seed, input.device) if c.p > 0 else None
+    if c.M == 0:
+        return input.new_empty((*input.shape[:-1], c.N))
+    y, _, _ = ops.forward_impl(input.reshape(c.M, c.K), weight, lora_A, lora_B, c.scaling, c.scale, bias, seed_t,
+                               c.keep_thresh, c.keep_scale, c.lora_dtype, c.backend, "")
+    return y.view(*input.shape[:-1], c.N)
 
 
-def _forward(input, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, lora_dtype):
-    M, N, K, r, lora_dtype, scaling, scale, p, keep_thresh, keep_scale, backend = _prepare(
-        input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype)
-    seed_t = _seed_tensor(seed, input.device) if p > 0 else None
-    if backend:
-        select_backend(input.device, input.dtype, lora_dtype)  # a forced backend that cannot compute this raises
-    if M == 0:
-        y = input.new_empty((M, N))
-        S = input.new_empty((0, r), dtype=acc_dtype_of(input.dtype, lora_dtype))
+def _forward(c, input, weight, lora_A, lora_B, bias, seed, empty_seed=True):
+    """``(y, S, seed, mask)`` for the call ``c``: y is not a view in autograd's eyes
+    (``_unsafe_view``), so in-place ops on it work; no dropout: an empty seed (torch.func
+    mishandles None outputs; None with ``empty_seed=False``); mask: the torch path's packed dropout
+    mask on a CPU, else empty."""
+    if c.p > 0:
+        seed_t = _seed_tensor(seed, input.device)
+    else:
+        seed_t = input.new_empty(0, dtype=torch.int64) if empty_seed else None
+    if c.M == 0:
+        y = input.new_empty((0, c.N))
+        S = input.new_empty((0, c.r), dtype=acc_dtype_of(input.dtype, c.lora_dtype))
         mask = input.new_empty(0, dtype=torch.uint8)
     else:
-        y, S, mask = ops.forward(input.reshape(M, K), weight, lora_A, lora_B, scaling, scale, bias, seed_t,
-                                         keep_thresh, keep_scale, lora_dtype, backend, "")
-    # _unsafe_view: the result is not a view in autograd's eyes, so in-place ops on it work.
-    # No dropout: an empty seed (torch.func mishandles None outputs).
-    seed_out = seed_t if seed_t is not None else input.new_empty(0, dtype=torch.int64)
-    return torch.ops.aten._unsafe_view(y, (*input.shape[:-1], N)), S, seed_out, mask
+        x = input if input.dim() == 2 else input.reshape(c.M, c.K)
+        y, S, mask = ops.forward(x, weight, lora_A, lora_B, c.scaling, c.scale, bias, seed_t if c.p > 0 else None,
+                                 c.keep_thresh, c.keep_scale, c.lora_dtype, c.backend, "")
+    if input.dim() != 2:
+        y = torch.ops.aten._unsafe_view(y, (*input.shape[:-1], c.N))
+    return y, S, seed_t, mask
+
+
+def _save(ctx, c, input, weight, lora_A, lora_B, bias, S, seed_t, mask):
+    # optional tensors saved by position (torch.func's saved-tensor handling does not keep Nones)
+    ctx.has_seed, ctx.has_scale = seed_t is not None and seed_t.numel() > 0, c.scale is not None
+    ctx.save_for_backward(input, weight, lora_A, lora_B, S, mask,
+                          *(t for t in (seed_t if ctx.has_seed else None, c.scale) if t is not None))
+    ctx.scaling, ctx.keep, ctx.backend, ctx.lora_dtype = c.scaling, (c.keep_thresh, c.keep_scale), c.backend, \
+        c.lora_dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.bias_slot = 5  # LoRALinearCore's inputs; _LoRALinearEager's put bias at 4
+
+
+def _core_forward(input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None, lora_dtype=None):
+    c = _Call(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype)
+    return _forward(c, input, weight, lora_A, lora_B, bias, seed)
 
 
 def _setup_context(ctx, inputs, output):
     input, weight, lora_A, lora_B, scaling, bias, dropout_p, _, lora_dtype = inputs
-    _, S, seed_t, mask = output
-    seed_t = seed_t if seed_t.numel() else None
-    _, _, _, _, lora_dtype, scaling, scale, _, keep_thresh, keep_scale, backend = _prepare(
-        input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype)
+    c = _Call(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype,
+              shapes=(0, 0, 0, 0))  # validated by the forward already
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero "gradients" for S and the seed
-    # optional tensors saved by position (torch.func's saved-tensor handling does not keep Nones)
-    ctx.has_seed, ctx.has_scale = seed_t is not None, scale is not None
-    ctx.save_for_backward(input, weight, lora_A, lora_B, S, mask, *(t for t in (seed_t, scale) if t is not None))
-    ctx.scaling, ctx.keep, ctx.backend, ctx.lora_dtype = scaling, (keep_thresh, keep_scale), backend, lora_dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
+    _save(ctx, c, input, weight, lora_A, lora_B, bias, *output[1:])
 
 
 def _no_jvp(ctx, *tangents):
@@ -117,32 +130,67 @@ def _backward(ctx, dy, _dS=None, _dseed=None, _dmask=None):
     input, weight, lora_A, lora_B, S, mask, *rest = ctx.saved_tensors
     seed_t = rest.pop(0) if ctx.has_seed else None
     scale = rest.pop(0) if ctx.has_scale else None
-    need_dx, need_dW, need_dA, need_dB, _, need_db = (tuple(ctx.needs_input_grad) + (False,) * 6)[:6]
+    need = tuple(ctx.needs_input_grad)  # (input, weight, lora_A, lora_B, ..., bias at ctx.bias_slot, ...)
+    need_dx, need_dW, need_dA, need_dB = need[:4]
+    need_db = need[ctx.bias_slot]
     N, K = weight.shape
     r = lora_A.shape[0]
-    x = input.reshape(-1, K)
+    x = input if input.dim() == 2 else input.reshape(-1, K)
     M = x.shape[0]
-    dy = dy.reshape(M, N).to(input.dtype)
+    if dy.dim() != 2:
+        dy = dy.reshape(M, N)
+    if dy.dtype != input.dtype:
+        dy = dy.to(input.dtype)
     dx = dW = dA = dB = db = None
     if M == 0:
         dx = torch.zeros_like(x) if need_dx else None
         dA = torch.zeros_like(lora_A) if need_dA else None
         dB = torch.zeros_like(lora_B) if need_dB else None
     elif need_dx or need_dA or need_dB:
-        dx, dAB = ops.backward(dy, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t, *ctx.keep,
-                                      need_dx, need_dA, need_dB, ctx.lora_dtype, ctx.backend, "")
-        n_db = N * r if need_dB else 0
-        dx = dx if need_dx else None
-        dB = dAB[:n_db].view(N, r).to(lora_B.dtype) if need_dB else None
-        dA = dAB[n_db:].view(r, K).to(lora_A.dtype) if need_dA else None
-    with torch.autocast(input.device.type, enabled=False):
-        if need_dW:
-            dW = (dy.t() @ x).to(weight.dtype)
-        if need_db:
-            db = dy.sum(0).to(ctx.bias_dtype)
-    if dx is not None:
+        dx, dA, dB = ops.backward(dy, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t, *ctx.keep,
+                                  need_dx, need_dA, need_dB, ctx.lora_dtype, ctx.backend, "")
+        if dB is not None and dB.dtype != lora_B.dtype:
+            dB = dB.to(lora_B.dtype)
+        if dA is not None and dA.dtype != lora_A.dtype:
+            dA = dA.to(lora_A.dtype)
+    if need_dW or need_db:
+        with torch.autocast(input.device.type, enabled=False):
+            if need_dW:
+                dW = (dy.t() @ x).to(weight.dtype)
+            if need_db:
+                db = dy.sum(0).to(ctx.bias_dtype)
+    if dx is not None and input.dim() != 2:
         dx = dx.view(input.shape)
     return dx, dW, dA, dB, None, db, None, None, None
+
+
+class _LoRALinearEager(torch.autograd.Function):
+    """The same Function for plain eager calls, in ctx style: torch binds the arguments of a
+    ``setup_context``-style Function with ``inspect.signature`` at every call (~60 µs, more than
+    a small layer's whole forward), so eager calls outside torch.func and torch.compile use this."""
+
+    @staticmethod
+    def forward(ctx, input, weight, lora_A, lora_B, bias, seed, c):
+        y, S, seed_t, mask = _forward(c, input, weight, lora_A, lora_B, bias, seed, empty_seed=False)
+        ctx.set_materialize_grads(False)
+        _save(ctx, c, input, weight, lora_A, lora_B, bias, S, seed_t, mask)
+        ctx.bias_slot = 4
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        dx, dW, dA, dB, _, db, _, _, _ = _backward(ctx, dy)
+        return dx, dW, dA, dB, db, None, None
+
+
+def _apply(input, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, lora_dtype, shapes=None):
+    """y of the call through autograd: the ctx-style Function for eager calls, LoRALinearCore under
+    torch.func and torch.compile (``shapes``: an earlier :func:`check_inputs`'s result)."""
+    if ops.need_operator() or _forward_mode_ad():
+        return core().apply(input, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, lora_dtype)[0]
+    c = _Call(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype, shapes, resolve=True)
+    return _LoRALinearEager.apply(input, weight, lora_A, lora_B, bias, seed, c)
 
 
 class LoRALinearCore(torch.autograd.Function):
@@ -152,7 +200,7 @@ class LoRALinearCore(torch.autograd.Function):
     ``setup_context`` protocol lets them be saved)."""
 
     generate_vmap_rule = True
-    forward = staticmethod(_forward)
+    forward = staticmethod(_core_forward)
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(once_differentiable(_backward))
 
@@ -219,5 +267,4 @@ class LoRALinearFunction:
 
     @staticmethod
     def apply(input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None, lora_dtype=None):
-        # core().apply, not super(): torch.func re-enters the class it was called on
-        return core().apply(input, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, lora_dtype)[0]
+        return _apply(input, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, lora_dtype)

@@ -3,7 +3,7 @@ import torch
 
 from ._checks import AUTOCAST_ELIGIBLE, autocast_enabled, check_inputs, check_scaling
 from .dropout import check_dropout_p, check_seed
-from .function import LoRALinearFunction, forward_no_grad
+from .function import _apply as apply, forward_no_grad
 
 
 def _needs_grad(*tensors):
@@ -71,7 +71,7 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     if not autocast:
         if not _needs_grad(input, weight, lora_A, lora_B, bias, scaling):
             return forward_no_grad(input, weight, lora_A, lora_B, scaling, bias, p, seed, None, shapes)
-        return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed, None)
+        return apply(input, weight, lora_A, lora_B, scaling, bias, p, seed, None, shapes)
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
@@ -81,4 +81,4 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     with torch.autocast(device_type, enabled=False):
         if not _needs_grad(input, weight, lora_A, lora_B, bias, scaling):
             return forward_no_grad(input, weight, lora_A, lora_B, scaling, bias, p, seed, dtype)
-        return LoRALinearFunction.apply(input, weight, lora_A, lora_B, scaling, bias, p, seed, dtype)
+        return apply(input, weight, lora_A, lora_B, scaling, bias, p, seed, dtype)

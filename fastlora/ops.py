@@ -147,31 +147,39 @@ def _fwd_fake(x, weight, lora_A, lora_B, scaling, scale, bias, seed, keep_thresh
             x.new_empty(mask, dtype=torch.uint8))
 
 
-def backward_impl(dy, x, weight, lora_A, lora_B, S, mask, scaling, scale, seed, keep_thresh, keep_scale, need_dx,
-                  need_dA, need_dB, lora_dtype, backend, path):
-    """The body of ``fastlora::lora_linear_bwd`` (also called directly outside torch.compile)."""
+def backward_parts(dy, x, weight, lora_A, lora_B, S, mask, scaling, scale, seed, keep_thresh, keep_scale, need_dx,
+                   need_dA, need_dB, lora_dtype, backend, path):
+    """The backward as ``(dx, dA, dB)`` (None where not needed; dA, dB in S's dtype): the body of
+    ``fastlora::lora_linear_bwd``, whose schema packs dA and dB into one flat tensor."""
     if (backend or select_backend(x.device, x.dtype, lora_dtype)[0]) == "torch":
         with _no_autocast(x.device.type):
             keep = None if seed is None else TorchMask(seed, *x.shape, keep_thresh, x.device, lora_dtype,
                                                         mask if mask.numel() else None)
-            dx, dA, dB = reference.lora_backward(dy, x, weight, lora_A, lora_B, S, _scaling_value(scaling, scale),
-                                                 keep, keep_scale, need_dx, need_dA, need_dB, out_dtype=S.dtype,
-                                                 lora_dtype=lora_dtype)
-        parts = [t.reshape(-1) for t in (dB, dA) if t is not None]
-        dAB = torch.cat(parts) if parts else None
-    else:
-        s = scale_tensor(scaling, scale, x.device, S.dtype)
+            return reference.lora_backward(dy, x, weight, lora_A, lora_B, S, _scaling_value(scaling, scale), keep,
+                                           keep_scale, need_dx, need_dA, need_dB, out_dtype=S.dtype,
+                                           lora_dtype=lora_dtype)
+    s = scale_tensor(scaling, scale, x.device, S.dtype)
 
-        def run(p):
-            with _no_autocast(x.device.type):  # the hybrid path's cuBLAS GEMM: the call's own dtypes
-                return kernels().lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, s, seed, keep_thresh, keep_scale,
-                                                 need_dx, need_dA, need_dB, lora_dtype=lora_dtype, path=p)
+    def run(p):
+        with _no_autocast(x.device.type):  # the hybrid path's cuBLAS GEMM: the call's own dtypes
+            return kernels().lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, s, seed, keep_thresh, keep_scale,
+                                             need_dx, need_dA, need_dB, lora_dtype=lora_dtype, path=p)
 
-        extra = ("dx" * need_dx + "dA" * need_dA + "dB" * need_dB,)
-        path = _path("bwd", x, weight, lora_A, lora_dtype, False, seed, path,
-                     {p: functools.partial(run, p) for p in dispatch.PATHS}, extra)
-        dx, dAB = run(path)
-    return (dx if dx is not None else x.new_empty(0), dAB if dAB is not None else S.new_empty(0))
+    extra = ("dx" * need_dx + "dA" * need_dA + "dB" * need_dB,)
+    path = _path("bwd", x, weight, lora_A, lora_dtype, False, seed, path,
+                 {p: functools.partial(run, p) for p in dispatch.PATHS}, extra)
+    dx, dAB = run(path)
+    N, R = lora_B.shape
+    n_db = N * R if need_dB else 0
+    return (dx, dAB[n_db:].view(R, -1) if need_dA else None, dAB[:n_db].view(N, R) if need_dB else None)
+
+
+def backward_impl(*args):
+    """The body of ``fastlora::lora_linear_bwd``: :func:`backward_parts` packed as ``(dx, dAB)``."""
+    dx, dA, dB = backward_parts(*args)
+    parts = [t.reshape(-1) for t in (dB, dA) if t is not None]
+    x, S = args[1], args[5]
+    return (dx if dx is not None else x.new_empty(0), torch.cat(parts) if parts else S.new_empty(0))
 
 
 @torch.library.custom_op("fastlora::lora_linear_bwd", mutates_args=())
@@ -186,7 +194,7 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_
                          need_dx, need_dA, need_dB, lora_dtype, backend, path)
 
 
-def _need_operator():
+def need_operator():
     """Whether the call must go through the registered operators: under torch.compile (an opaque
     node with a fake implementation) and under torch.func transforms (its vmap rules)."""
     if torch.compiler.is_compiling():
@@ -198,14 +206,22 @@ def _need_operator():
 
 
 def forward(*args):
-    """``fastlora::lora_linear_fwd`` where :func:`_need_operator`, its body called directly
+    """``fastlora::lora_linear_fwd`` where :func:`need_operator`, its body called directly
     otherwise: the operator's dispatch costs tens of µs per call, which small layers feel."""
-    return lora_linear_fwd(*args) if _need_operator() else forward_impl(*args)
+    return lora_linear_fwd(*args) if need_operator() else forward_impl(*args)
 
 
 def backward(*args):
-    """``fastlora::lora_linear_bwd`` where :func:`_need_operator`, its body otherwise."""
-    return lora_linear_bwd(*args) if _need_operator() else backward_impl(*args)
+    """``(dx, dA, dB)`` by ``fastlora::lora_linear_bwd`` where :func:`need_operator`, by its body
+    otherwise (None where not needed)."""
+    if not need_operator():
+        return backward_parts(*args)
+    dx, dAB = lora_linear_bwd(*args)
+    need_dx, need_dA, need_dB = args[12:15]
+    N, R = args[4].shape
+    n_db = N * R if need_dB else 0
+    return (dx if need_dx else None, dAB[n_db:].view(R, -1) if need_dA else None,
+            dAB[:n_db].view(N, R) if need_dB else None)
 
 
 @lora_linear_bwd.register_fake
