@@ -36,7 +36,7 @@ from . import shapes as S
 PROVIDERS = ("base", "eager", "peft", "peft-fp32", "compile", "addmm", "fastlora", "fastlora-fused", "fastlora-hybrid",
              "fastlora-fp32")
 
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd", "eval")  # eval: forward under torch.no_grad, dropout off (decode)
 COLUMNS = ["date", "commit", "gpu", "torch", "triton", "set", "layer", "M", "N", "K", "r", "dtype", "dropout", "mode",
            "provider", "median_ms", "p20_ms", "p80_ms", "ratio_to_base", "speedup_vs_eager", "tflops", "gbps",
            "peak_mem_mb", "saved_extra_bytes", "lora_mk_saved", "max_rel_err", "smoke"]
@@ -47,7 +47,15 @@ PRESETS = {
     # fwd / bwd alone around it. torch.compile only at the goal point: each new shape recompiles.
     "device": dict(sets=["llama3-8b"], tokens=[8192], ranks=[16], dropout=[0.1], dtypes=["bf16"],
                    modes=["fwd+bwd", "fwd", "bwd"], compile_cases="goal",
-                   extra=[dict(dropout=[0.0], modes=["fwd+bwd"]), dict(tokens=[2048], modes=["fwd+bwd"])]),
+                   extra=[dict(dropout=[0.0], modes=["fwd+bwd"]), dict(tokens=[2048], modes=["fwd+bwd"]),
+                          dict(tokens=[1], dropout=[0.0], modes=["eval"])]),
+    # The CPU set (issue #11): the main job's MiniLM, SmolLM2-135M and Qwen2.5-1.5B layer shapes,
+    # M 256..4096, fp32, with and without dropout, fwd+bwd; a decode row (M = 1, eval). No
+    # torch.compile (minutes of C++ builds per shape) and no path variants (one path on a CPU).
+    "cpu": dict(sets=["minilm", "smollm2-135m", "qwen2.5-1.5b"], tokens=[256, 1024, 4096], ranks=[8],
+                dropout=[0.0, 0.1], dtypes=["fp32"], modes=["fwd+bwd"], compile_cases="none",
+                providers=["base", "eager", "peft", "addmm", "fastlora"],
+                extra=[dict(tokens=[1, 16], dropout=[0.0], modes=["eval"])]),
     "full": dict(sets=["llama3-8b", "qwen2.5-7b", "mistral-7b", "smollm2-135m", "minilm"], tokens=list(S.TOKENS),
                  ranks=list(S.RANKS), dropout=[0.0, 0.1], dtypes=["bf16", "fp16"], modes=list(MODES),
                  compile_cases="all", extra=[]),
@@ -173,35 +181,84 @@ def peak_memory_mb(prov, inp, device):
 # ------------------------------------------------------------------------------------------
 # Runs
 # ------------------------------------------------------------------------------------------
-def measure_case(name, inp, mode, measure, args, device, env, case):
+def case_fn(prov, inp, mode):
+    """The timed function of one provider and mode, and the tensors whose grads it clears."""
+    if mode == "fwd":
+        return prov.run_forward, None
+    if mode == "eval":
+        def fwd():
+            with torch.no_grad():
+                return prov.run_forward()
+        return fwd, None
+    if mode == "bwd":
+        y = prov.run_forward()
+        return (lambda: prov.backward(y, inp.dy, retain_graph=True)), prov.leaves
+    return (lambda: prov.step(inp.dy)), prov.leaves
+
+
+def interleaved(fns, rep_ms, rounds=7):
+    """CPU timing of several providers of one case, in turns: each round times each provider for
+    ~rep_ms / rounds (at least one call), so that a change of machine load hits all of them alike.
+    Returns ``{name: (median, p20, p80)}`` ms over all calls."""
+    samples = {name: [] for name in fns}
+    for fn, grads in fns.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, (fn, grads) in fns.items():
+            t_end = time.perf_counter() + rep_ms / rounds / 1e3
+            while True:
+                for t in grads or []:
+                    t.grad = None
+                t0 = time.perf_counter()
+                fn()
+                now = time.perf_counter()
+                samples[name].append((now - t0) * 1e3)
+                if now >= t_end:
+                    break
+    out = {}
+    for name, v in samples.items():
+        v.sort()
+        q = lambda f: v[min(len(v) - 1, int(f * len(v)))]  # noqa: E731
+        out[name] = (q(0.5), q(0.2), q(0.8))
+    return out
+
+
+def finish_row(name, prov, inp, mode, timing, args, device, env, case):
     """One CSV row: time, throughput, memory, saved bytes and error of provider ``name``."""
     from .providers import make_inputs, make_provider
     M, N, K, r, dtype = case["M"], case["N"], case["K"], case["r"], DTYPES[case["dtype"]]
-    prov = make_provider(name, inp)
-    if mode == "fwd":
-        fn, grads = prov.run_forward, None
-    elif mode == "bwd":
-        y = prov.run_forward()
-        fn, grads = (lambda: prov.backward(y, inp.dy, retain_graph=True)), prov.leaves
-    else:
-        fn, grads = (lambda: prov.step(inp.dy)), prov.leaves
-    med, p20, p80 = measure(fn, grads)
-    extra, big = saved_bytes(prov, M, K, N)
+    med, p20, p80 = timing
+    extra, big = saved_bytes(prov, M, K, N) if mode != "eval" else (0, 0)
     err = float("nan")
     if args.errors and mode == "fwd+bwd" and name != "compile":  # compile: eager's math, recompiled
         inp0 = make_inputs(M, N, K, r, dtype, device, 0.0)
         err = max_rel_error(make_provider(name, inp0), inp0)
+    fl_mode = "fwd" if mode == "eval" else mode
     return {**env, **case, "provider": name, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-            "tflops": flops(M, N, K, r, mode, name) / med / 1e9,
-            "gbps": min_bytes(M, N, K, r, dtype.itemsize, mode, name) / med / 1e6,
+            "tflops": flops(M, N, K, r, fl_mode, name) / med / 1e9,
+            "gbps": min_bytes(M, N, K, r, dtype.itemsize, fl_mode, name) / med / 1e6,
             "peak_mem_mb": peak_memory_mb(prov, inp, device) if mode == "fwd+bwd" else float("nan"),
             "saved_extra_bytes": extra, "lora_mk_saved": big, "max_rel_err": err, "smoke": args.smoke}
+
+
+def cpu_name():
+    """``CPU <model> (<cores> cores, <n> torch threads)`` from /proc/cpuinfo where there is one."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def environment(device):
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda"
-           else f"CPU ({platform.processor() or platform.machine()})"}
+           else cpu_name()}
     try:
         import triton
         env["triton"] = triton.__version__
@@ -240,10 +297,16 @@ def plan(args):
     return out
 
 
+def _failed(name, set_name, layer, M, r, dt, p, mode, e):
+    print(f"\n{name} failed on {set_name} {layer} M={M} r={r} {dt} p={p} {mode}: {type(e).__name__}: {str(e)[:300]}",
+          flush=True)
+    return (name, set_name, layer, M, mode, repr(e)[:300])
+
+
 def run(args):
     if args.smoke:  # before fastlora's kernels are imported: Triton reads it when it decorates them
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .providers import make_inputs
+    from .providers import make_inputs, make_provider
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = environment(device)
     measure = timer(device, args.warmup, args.rep)
@@ -264,21 +327,34 @@ def run(args):
             writer.writeheader()
         for set_name, layer, K, N, M, r, dt, p, mode in tqdm(todo, desc="bench", disable=args.no_progress):
             dtype = DTYPES[dt]
-            inp = make_inputs(M, N, K, r, dtype, device, p)
-            case = []
+            inp = make_inputs(M, N, K, r, dtype, device, 0.0 if mode == "eval" else p)
+            case_info = dict(set=set_name, layer=layer, M=M, N=N, K=K, r=r, dtype=dt, dropout=p, mode=mode)
+            provs = {}
             for name in args.providers:
                 if name == "compile" and args.compile_cases == "goal" and not is_goal_case(layer, M, r, dt, p, mode):
                     continue
                 try:
-                    case.append(measure_case(name, inp, mode, measure, args, device, env,
-                                             dict(set=set_name, layer=layer, M=M, N=N, K=K, r=r, dtype=dt,
-                                                  dropout=p, mode=mode)))
+                    provs[name] = make_provider(name, inp)
+                    provs[name] = (provs[name], *case_fn(provs[name], inp, mode))
                 except Exception as e:  # one failing provider must not cost the rest of a GPU lease
-                    print(f"\n{name} failed on {set_name} {layer} M={M} r={r} {dt} p={p} {mode}: "
-                          f"{type(e).__name__}: {str(e)[:300]}", flush=True)
-                    failures.append((name, set_name, layer, M, mode, repr(e)[:300]))
-                    if device.type == "cuda":
+                    failures.append(_failed(name, set_name, layer, M, r, dt, p, mode, e))
+                    provs.pop(name, None)
+            if device.type == "cpu":  # in turns: the load of a shared CPU drifts
+                timings = interleaved({n: (fn, g) for n, (_, fn, g) in provs.items()}, args.rep)
+            else:
+                timings = {}
+                for name, (_, fn, grads) in list(provs.items()):
+                    try:
+                        timings[name] = measure(fn, grads)
+                    except Exception as e:
+                        failures.append(_failed(name, set_name, layer, M, r, dt, p, mode, e))
                         torch.cuda.empty_cache()
+            case = []
+            for name, timing in timings.items():
+                try:
+                    case.append(finish_row(name, provs[name][0], inp, mode, timing, args, device, env, case_info))
+                except Exception as e:
+                    failures.append(_failed(name, set_name, layer, M, r, dt, p, mode, e))
             by = {r_["provider"]: r_ for r_ in case}
             for r_ in case:
                 r_["ratio_to_base"] = r_["median_ms"] / by["base"]["median_ms"] if "base" in by else float("nan")
@@ -300,13 +376,13 @@ def run(args):
 
 
 def print_table(rows):
-    hdr = f"{'layer':10} {'M':>6} {'K':>6} {'N':>6} {'r':>3} {'dt':4} {'p':>4} {'mode':7} {'provider':13} " \
+    hdr = f"{'layer':10} {'M':>6} {'N':>6} {'K':>6} {'r':>3} {'dt':4} {'p':>4} {'mode':7} {'provider':15} " \
           f"{'ms':>8} {'p20-p80':>15} {'x base':>7} {'vs eager':>8} {'TFLOP/s':>8} {'GB/s':>7} {'peakMB':>8} " \
           f"{'saved+':>10} {'err':>8}"
     print(hdr)
     for r in rows:
-        print(f"{r['layer'][:10]:10} {r['M']:>6} {r['K']:>6} {r['N']:>6} {r['r']:>3} {r['dtype']:4} {r['dropout']:>4} "
-              f"{r['mode']:7} {r['provider']:13} {r['median_ms']:8.3f} {r['p20_ms']:7.3f}-{r['p80_ms']:<7.3f} "
+        print(f"{r['layer'][:10]:10} {r['M']:>6} {r['N']:>6} {r['K']:>6} {r['r']:>3} {r['dtype']:4} {r['dropout']:>4} "
+              f"{r['mode']:7} {r['provider']:15} {r['median_ms']:8.3f} {r['p20_ms']:7.3f}-{r['p80_ms']:<7.3f} "
               f"{r['ratio_to_base']:7.3f} {r['speedup_vs_eager']:8.3f} {r['tflops']:8.1f} {r['gbps']:7.0f} "
               f"{r['peak_mem_mb']:8.1f} {r['saved_extra_bytes']:>10} {r['max_rel_err']:8.1e}")
 
@@ -394,7 +470,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="folder for the CSV and plots (default bench/results/, or "
                                                 "runs/bench-smoke with --smoke)")
     args = ap.parse_args(argv)
-    preset = PRESETS["smoke" if args.smoke else (args.preset or "device")]
+    if args.preset is None and not args.smoke:
+        on_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+        args.preset = "cpu" if on_cpu else "device"
+    preset = PRESETS["smoke" if args.smoke else args.preset]
     for key in ("sets", "tokens", "ranks", "dropout", "dtypes", "modes"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
@@ -402,7 +481,7 @@ def parse_args(argv=None):
     args.compile_cases = preset["compile_cases"]
     if args.providers is None:
         # torch.compile needs a C++ toolchain and minutes on a CPU; the smoke run leaves it out
-        args.providers = [p for p in PROVIDERS if not (args.smoke and p == "compile")]
+        args.providers = preset.get("providers") or [p for p in PROVIDERS if not (args.smoke and p == "compile")]
     if "base" not in args.providers:
         args.providers = ["base"] + args.providers
     if args.smoke:

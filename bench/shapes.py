@@ -14,6 +14,9 @@ SHAPE_SETS = {
     # mistralai/Mistral-7B-v0.1: hidden 4096, intermediate 14336, 32 heads, 8 KV heads
     "mistral-7b": [("q_proj", 4096, 4096), ("k_proj", 4096, 1024), ("v_proj", 4096, 1024), ("o_proj", 4096, 4096),
                    ("gate_proj", 4096, 14336), ("up_proj", 4096, 14336), ("down_proj", 14336, 4096)],
+    # Qwen/Qwen2.5-1.5B: hidden 1536, intermediate 8960, 12 heads, 2 KV heads (head_dim 128)
+    "qwen2.5-1.5b": [("q_proj", 1536, 1536), ("k_proj", 1536, 256), ("v_proj", 1536, 256), ("o_proj", 1536, 1536),
+                     ("gate_proj", 1536, 8960), ("up_proj", 1536, 8960), ("down_proj", 8960, 1536)],
     # sentence-transformers/all-MiniLM-L6-v2 (the README's main job): hidden 384, intermediate 1536
     "minilm": [("query", 384, 384), ("intermediate.dense", 384, 1536), ("output.dense", 1536, 384)],
     # HuggingFaceTB/SmolLM2-135M: hidden 576, intermediate 1536, 9 heads, 3 KV heads (head_dim 64)

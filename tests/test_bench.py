@@ -25,7 +25,7 @@ def test_bench_smoke_writes_csv_and_plots(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "lora_linear.csv")))
     providers = {r["provider"] for r in rows}
     assert {"base", "eager", "peft", "peft-fp32", "addmm", "fastlora", "fastlora-fp32"} <= providers
-    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd", "eval"}
     for r in rows:
         assert float(r["median_ms"]) > 0 and r["gpu"] and r["torch"] and r["smoke"] == "True"
         if r["mode"] == "fwd+bwd":  # every provider computes the same function at dropout 0
