@@ -2,13 +2,19 @@
 
     python -m bench.plot bench/results/lora_linear.csv --out bench/results
 
-One figure per metric; one panel per (shape set, layer) for the fwd+bwd rows of the latest run
-(latest date in the file), a line per provider, dtype and dropout.
+One figure per metric; one panel per (shape set, layer) for the rows of one mode of the latest run
+(latest date in the file), a line per provider, dtype, rank and dropout over M (a single M is
+drawn as a point with its provider's marker). The y axis is logarithmic when a panel's values
+span more than a factor of 4 (one slow provider would otherwise flatten the rest); each panel has
+its own legend inside it; smoke rows (CPU interpreter runs) carry a "smoke: not performance
+figures" mark.
 """
 import argparse
 import collections
 import csv
 import os
+
+_MARKERS = "osD^v<>pP*Xh"
 
 
 def _load(path):
@@ -29,37 +35,46 @@ def plot_csv(path, out_dir, rows=None, mode="fwd+bwd"):
     rows = [r for r in rows if r["mode"] == mode]
     if not rows:
         return []
+    smoke = any(str(r.get("smoke")) == "True" for r in rows)
     panels = collections.OrderedDict()
     for r in rows:
-        panels.setdefault((r["set"], r["layer"], int(r["K"]), int(r["N"])), []).append(r)
+        panels.setdefault((r["set"], r["layer"], int(r["N"]), int(r["K"])), []).append(r)
+    providers = sorted({r["provider"] for r in rows})
+    marker = {p: _MARKERS[i % len(_MARKERS)] for i, p in enumerate(providers)}
     paths = []
     for metric, label, skip in (("ratio_to_base", "time / frozen base linear", "base"),
                                 ("speedup_vs_eager", "speedup over eager (PEFT-style) LoRA", "eager")):
         n = len(panels)
         cols = min(n, 3)
         nrows = (n + cols - 1) // cols
-        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
-        for ax, ((set_name, layer, K, N), rs) in zip(axes.flat, panels.items()):
+        fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4.2 * nrows), squeeze=False)
+        for ax, ((set_name, layer, N, K), rs) in zip(axes.flat, panels.items()):
             lines = collections.defaultdict(list)
             for r in rs:
-                if r["provider"] != skip:
+                if r["provider"] != skip and r[metric] not in ("", "nan"):
                     lines[(r["provider"], r["dtype"], r["r"], r["dropout"])].append((int(r["M"]), float(r[metric])))
+            values = [v for pts in lines.values() for _, v in pts if v > 0]
             for (prov, dt, rank, p), pts in sorted(lines.items()):
                 pts.sort()
-                ax.plot([m for m, _ in pts], [v for _, v in pts], marker="o", ms=3,
-                        lw=2.0 if prov.startswith("fastlora") else 1.0, label=f"{prov} {dt} r{rank} p{p}")
+                ax.plot([m for m, _ in pts], [v for _, v in pts], marker=marker[prov], ms=5 if len(pts) == 1 else 3,
+                        ls="-" if len(pts) > 1 else "none", lw=2.0 if prov.startswith("fastlora") else 1.0,
+                        label=f"{prov} {dt} r{rank} p{p}")
             ax.axhline(1.0, color="gray", lw=0.8, ls="--")
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{set_name} {layer} ({K}->{N}), {mode}", fontsize=9)
+            if values and max(values) / min(values) > 4:
+                ax.set_yscale("log", base=2)
+            ax.set_title(f"{set_name} {layer} (M x {K} -> {N}), {mode}", fontsize=9)
             ax.set_xlabel("tokens M")
             ax.set_ylabel(label, fontsize=8)
-            ax.grid(alpha=0.3)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6, loc="best", framealpha=0.8)
+            if smoke:
+                ax.text(0.5, 0.5, "smoke: not performance figures", transform=ax.transAxes, ha="center",
+                        va="center", fontsize=12, color="red", alpha=0.35, rotation=20)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
-        fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 1))
-        path = os.path.join(out_dir, f"{metric}.png")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{metric}.png" if mode == "fwd+bwd" else f"{metric}_{mode}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

@@ -133,8 +133,9 @@ def make_provider(name, inp):
         return Provider(name, lambda: layer(x), [x, a, b], [W, a, b], ctx)
     if name in ("fastlora", "fastlora-fused", "fastlora-hybrid"):
         path = name.partition("-")[2] or "auto"
+        # auto: no context (setting os.environ per call would add microseconds to decode rows)
         return Provider(name, lambda: fastlora.lora_linear(x, W, A, B, s, dropout_p=p), lora_leaves, [W, A, B],
-                        lambda: _path_env(path))
+                        (lambda: _path_env(path)) if path != "auto" else contextlib.nullcontext)
     if name == "fastlora-fp32":
         a32 = A.detach().float().requires_grad_()
         b32 = B.detach().float().requires_grad_()

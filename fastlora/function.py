@@ -56,12 +56,32 @@ class _Call:
             self.backend = select_backend(input.device, input.dtype, self.lora_dtype)[0]
 
 
+_LEAN_DTYPES = (torch.float32, torch.float64)  # S in the input's dtype: no accumulation-dtype round trip
+
+
+def _override_or_kernels(input):
+    """True unless this call runs on the torch path of a CPU tensor."""
+    return input.device.type != "cpu" or (forced_backend() or select_backend(input.device)[0]) != "torch"
+
+
 def forward_no_grad(input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropout_p=0.0, seed=None,
                     lora_dtype=None, shapes=None):
     """y alone, without autograd or the operator dispatch: for calls that need no gradient (eval,
     ``torch.no_grad``, decoding), where those layers cost more than the math at small M. Same
     validation (``shapes``: the ``(M, N, K, r)`` of an earlier :func:`check_inputs`), seed draw and
     result as :class:`LoRALinearFunction`."""
+    if dropout_p == 0 and shapes is not None and lora_dtype is None and input.dtype in _LEAN_DTYPES \
+            and input.dtype == lora_A.dtype == lora_B.dtype and not _override_or_kernels(input):
+        # The CPU decode step (``shapes``: validated by lora_linear): reference.lora_forward's
+        # ops, without the call object and the operator plumbing (same ops, same bits).
+        M, N, K, _ = shapes
+        if M == 0:
+            return input.new_empty((*input.shape[:-1], N))
+        s = check_scaling(scaling, input.device)
+        s = s[0] if s[1] is None else float(s[1])
+        x = input if input.dim() == 2 else input.reshape(M, K)
+        y = torch.nn.functional.linear(x, weight, bias).addmm_(torch.mm(x, lora_A.t()), lora_B.t(), alpha=s)
+        return y if input.dim() == 2 else y.view(*input.shape[:-1], N)
     c = _Call(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype, shapes, resolve=True)
     seed_t = _seed_tensor(seed, input.device) if c.p > 0 else None
     if c.M == 0:

