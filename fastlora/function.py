@@ -77,8 +77,7 @@ def forward_no_grad(input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropo
         M, N, K, _ = shapes
         if M == 0:
             return input.new_empty((*input.shape[:-1], N))
-        s = check_scaling(scaling, input.device)
-        s = s[0] if s[1] is None else float(s[1])
+        s = scaling if type(scaling) is float else float(scaling)  # validated by lora_linear
         x = input if input.dim() == 2 else input.reshape(M, K)
         y = torch.nn.functional.linear(x, weight, bias).addmm_(torch.mm(x, lora_A.t()), lora_B.t(), alpha=s)
         return y if input.dim() == 2 else y.view(*input.shape[:-1], N)
