@@ -36,6 +36,8 @@ def check_scaling(scaling, device=None):
     """``scaling``: a finite real Python number (not bool), or a one-element floating tensor on
     ``device``. Returns ``(float_value, None)`` or ``(0.0, tensor)``. A tensor's value is not
     checked (that would synchronise with the GPU)."""
+    if type(scaling) is float and math.isfinite(scaling):
+        return scaling, None  # the common case without the numbers.Real ABC check
     if isinstance(scaling, torch.Tensor):
         if not scaling.is_floating_point() or scaling.numel() != 1:
             raise TypeError(f"scaling: expected a float or a one-element floating tensor, got a {scaling.dtype} "

@@ -46,6 +46,8 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds=10):
 def check_dropout_p(p, name="dropout_p"):
     """Validate a dropout probability: a real number in [0, 1). Raises TypeError / ValueError
     naming the argument ``name``."""
+    if type(p) is float and 0.0 <= p < 1.0:
+        return p  # the common case without the numbers.Real ABC check (this runs on every call)
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name}: expected a float in [0, 1), got {type(p).__name__} {p!r}")
     if not (0.0 <= float(p) < 1.0):  # also rejects NaN
