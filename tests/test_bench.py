@@ -38,7 +38,11 @@ def test_bench_smoke_writes_csv_and_plots(tmp_path):
 
 
 def test_bench_e2e_smoke(tmp_path):
-    out = _run(["bench.bench_e2e", "--smoke"], tmp_path)
+    out = _run(["bench.bench_e2e", "--smoke", "--generate", "3"], tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "e2e.csv")))
     assert [r["variant"] for r in rows] == ["no-lora", "peft", "peft+fastlora"]
+    assert all(float(r["step_ms_median"]) > 0 and r["smoke"] == "True" for r in rows)
     assert "peft+fastlora vs peft" in out
+    gen = list(csv.DictReader(open(tmp_path / "generate.csv")))
+    assert [(r["variant"], r["new_tokens"]) for r in gen] == [("peft", "3"), ("peft+fastlora", "3")]
+    assert "generate: peft+fastlora" in out
