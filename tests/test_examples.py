@@ -81,10 +81,30 @@ def test_hf_trainer_example_end_to_end(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fastlora fallback warning anywhere
         warnings.filterwarnings("ignore", message=".*(deprecated|will be removed).*")
-        out = hf_trainer.run(hf_trainer.parse_args(["--steps", "6", "--examples", "32", "--out", str(tmp_path),
-                                                     "--new-tokens", "4"]))
+        out = hf_trainer.run(hf_trainer.parse_args(["--steps", "4", "--examples", "16", "--max-length", "24",
+                                                     "--batch-size", "4", "--out", str(tmp_path), "--new-tokens", "4"]))
     report = out["report"]
     assert len(report.patched) == 14 and not report.skipped and not report.fallbacks  # 2 layers x 7 linears
     assert out["loss_after"] < out["loss_before"]
     assert out["diff_reload"] <= 1e-5 and out["diff_merge"] <= 1e-4
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_hf_trainer_example_with_trl_sft_trainer(tmp_path):
+    """The same example with ``--sft``: TRL's SFTTrainer (its bf16 default overridden to the same
+    fp32 as Trainer on a CPU), patched layers, exact reload."""
+    pytest.importorskip("trl")
+    import warnings
+
+    from examples import hf_trainer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(deprecated|will be removed).*")
+        out = hf_trainer.run(hf_trainer.parse_args(["--sft", "--steps", "4", "--examples", "16", "--max-length", "24",
+                                                     "--batch-size", "4", "--out", str(tmp_path),
+                                                     "--new-tokens", "4"]))
+    report = out["report"]
+    assert len(report.patched) == 14 and not report.skipped and not report.fallbacks
+    assert out["loss_after"] < out["loss_before"]
+    assert out["diff_reload"] <= 1e-5 and out["diff_merge"] <= 1e-4
+
