@@ -20,7 +20,7 @@ variants' steps are interleaved (round robin), so load drift hits all three alik
 peft and peft+fastlora, interleaved, median of ``--steps`` runs; appends to ``<out>/generate.csv``.
 
     python -m bench.bench_e2e [--layers 2] [--batch 4] [--seq 2048] [--steps 10] [--out DIR]
-    python -m bench.bench_e2e --shape smollm2-135m --batch 4 --seq 256 --generate 32   # CPU
+    python -m bench.bench_e2e --shape smollm2-135m --batch 4 --seq 128 --steps 11 --dropout 0.05 --generate 32  # CPU
 """
 import argparse
 import copy
@@ -35,13 +35,14 @@ import torch
 from .bench_lora_linear import environment
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-COLUMNS = ["date", "commit", "gpu", "torch", "triton", "variant", "layers", "batch", "seq", "tokens", "r",
-           "step_ms_median", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb", "smoke"]
-GEN_COLUMNS = ["date", "commit", "gpu", "torch", "triton", "shape", "variant", "layers", "prompt", "new_tokens", "r",
-               "gen_ms_median", "gen_ms_p20", "gen_ms_p80", "tokens_per_s", "smoke"]
+COLUMNS = ["date", "commit", "gpu", "torch", "triton", "shape", "dtype", "variant", "layers", "batch", "seq", "tokens",
+           "r", "dropout", "steps", "step_ms_median", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_mem_mb",
+           "smoke"]
+GEN_COLUMNS = ["date", "commit", "gpu", "torch", "triton", "shape", "dtype", "variant", "layers", "prompt",
+               "new_tokens", "r", "steps", "gen_ms_median", "gen_ms_p20", "gen_ms_p80", "tokens_per_s", "smoke"]
 # published configs (transformers' config.json of each model)
-SHAPES = {"llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=4096, layers=2),
-          "smollm2-135m": dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, layers=30)}
+SHAPES = {"llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=4096, layers=2, tied=False),
+          "smollm2-135m": dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, layers=30, tied=True)}
 
 
 def build(args, device):
@@ -50,7 +51,8 @@ def build(args, device):
     cfg = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(args.seq, 128), attn_implementation="sdpa")
+        max_position_embeddings=max(args.seq, 128), attn_implementation="sdpa",
+        tie_word_embeddings=SHAPES[args.shape]["tied"] and not args.smoke)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=args.dtype)
 
@@ -168,6 +170,11 @@ def gen_fn(model, args, device):
 
 def _append(path, columns, rows):
     new = not os.path.exists(path)
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != columns:
+            raise ValueError(f"{path}: its columns {header} are not this version's {columns}; pass another --out")
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         if new:
@@ -193,8 +200,9 @@ def main(argv=None):
           f"dropout {args.dropout}, {str(args.dtype).replace('torch.', '')}")
 
     def row(name, med, p20, p80, peak):
-        rows.append({**env, "variant": name, "layers": args.layers, "batch": args.batch, "seq": args.seq,
-                     "tokens": tokens, "r": args.r, "step_ms_median": med, "step_ms_p20": p20, "step_ms_p80": p80,
+        rows.append({**env, "shape": args.shape, "dtype": str(args.dtype).replace("torch.", ""), "variant": name,
+                     "layers": args.layers, "batch": args.batch, "seq": args.seq, "tokens": tokens, "r": args.r,
+                     "dropout": args.dropout, "steps": args.steps, "step_ms_median": med, "step_ms_p20": p20, "step_ms_p80": p80,
                      "tokens_per_s": tokens / med * 1e3, "peak_mem_mb": peak, "smoke": args.smoke})
         print(f"  {name:14} step {med:9.2f} ms (p20 {p20:.2f}, p80 {p80:.2f}) | {tokens / med * 1e3:10.0f} tokens/s"
               f" | peak {peak:9.1f} MB")
@@ -203,14 +211,18 @@ def main(argv=None):
         for m in models.values():
             m.train()
         steps = {name: step_fn(name, m, args, device) for name, m in models.items()}
-        for name, (med, p20, p80) in measure_interleaved(steps, args.steps).items():
-            row(name, med, p20, p80, float("nan"))
+        try:
+            for name, (med, p20, p80) in measure_interleaved(steps, args.steps).items():
+                row(name, med, p20, p80, float("nan"))
+        except Exception as e:  # round robin: one failing variant stops the comparison; say so and go on
+            print(f"  interleaved training steps failed: {type(e).__name__}: {str(e)[:300]}")
     else:
         for name in list(models):
             try:
                 med, p20, p80, peak = measure(step_fn(name, models[name], args, device), args.steps, device)
             except Exception as e:  # report and go on: the other variants still count
                 print(f"  {name:14} failed: {type(e).__name__}: {str(e)[:300]}")
+                models[name] = None  # and no generate() timing for it
                 continue
             row(name, med, p20, p80, peak)
             if not args.generate:
@@ -238,7 +250,8 @@ def main(argv=None):
         grows = []
         for name, (med, p20, p80) in res.items():
             tps = args.generate / med * 1e3
-            grows.append({**env, "shape": args.shape, "variant": name, "layers": args.layers, "prompt": 16,
+            grows.append({**env, "shape": args.shape, "dtype": str(args.dtype).replace("torch.", ""), "steps": args.steps,
+                          "variant": name, "layers": args.layers, "prompt": 16,
                           "new_tokens": args.generate, "r": args.r, "gen_ms_median": med, "gen_ms_p20": p20,
                           "gen_ms_p80": p80, "tokens_per_s": tps, "smoke": args.smoke})
             print(f"  generate {name:14} {med:9.1f} ms for {args.generate} tokens (p20 {p20:.1f}, p80 {p80:.1f}) | "

@@ -133,7 +133,12 @@ def make_provider(name, inp):
         return Provider(name, lambda: layer(x), [x, a, b], [W, a, b], ctx)
     if name in ("fastlora", "fastlora-fused", "fastlora-hybrid"):
         path = name.partition("-")[2] or "auto"
-        # auto: no context (setting os.environ per call would add microseconds to decode rows)
+        # auto: no context (setting os.environ per call would add microseconds to decode rows), so
+        # the caller's environment must not force a path
+        import os
+        if path == "auto" and os.environ.get("FASTLORA_PATH", "auto").strip().lower() not in ("", "auto"):
+            raise ValueError(f"provider fastlora: FASTLORA_PATH={os.environ['FASTLORA_PATH']!r} is set, so this row "
+                             "would not measure the automatic choice; unset it (fastlora-fused / -hybrid force a path)")
         return Provider(name, lambda: fastlora.lora_linear(x, W, A, B, s, dropout_p=p), lora_leaves, [W, A, B],
                         (lambda: _path_env(path)) if path != "auto" else contextlib.nullcontext)
     if name == "fastlora-fp32":

@@ -116,6 +116,7 @@ def mean_loss(model, data, coll, n=16):
     model.eval()
     with torch.no_grad():
         batch = coll([data[i] for i in range(min(n, len(data)))])
+        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
         return model(**batch).loss.item()
 
 
@@ -134,7 +135,7 @@ def train(model, data, coll, tok, args):
         except ImportError:
             raise SystemExit("--sft needs TRL: pip install trl") from None
         import datasets  # a TRL dependency; SFTTrainer takes a datasets.Dataset (here already tokenized)
-        cfg = trl.SFTConfig(**common, packing=False)
+        cfg = trl.SFTConfig(**common, packing=False, gradient_checkpointing=False)  # TRL's default: on
         trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=datasets.Dataset.from_list(data.items),
                                  data_collator=coll, processing_class=tok)
     else:

@@ -68,8 +68,11 @@ def forward_no_grad(input, weight, lora_A, lora_B, scaling=1.0, bias=None, dropo
                     lora_dtype=None, shapes=None):
     """y alone, without autograd or the operator dispatch: for calls that need no gradient (eval,
     ``torch.no_grad``, decoding), where those layers cost more than the math at small M. Same
-    validation (``shapes``: the ``(M, N, K, r)`` of an earlier :func:`check_inputs`), seed draw and
-    result as :class:`LoRALinearFunction`."""
+    seed draw and result as :class:`LoRALinearFunction`. Contract: :func:`fastlora.lora_linear`
+    (the only caller) has validated every argument; ``shapes`` is the ``(M, N, K, r)`` of its
+    :func:`check_inputs`. With ``shapes``, fp32/fp64 tensors of one dtype, no dropout and the torch
+    backend on a CPU (decode steps), the call object and operator plumbing are skipped: the same
+    ops as ``reference.lora_forward``, so the same bits."""
     if dropout_p == 0 and shapes is not None and lora_dtype is None and input.dtype in _LEAN_DTYPES \
             and input.dtype == lora_A.dtype == lora_B.dtype and not _override_or_kernels(input):
         # The CPU decode step (``shapes``: validated by lora_linear): reference.lora_forward's

@@ -86,6 +86,7 @@ def test_hf_trainer_example_end_to_end(tmp_path):
     report = out["report"]
     assert len(report.patched) == 14 and not report.skipped and not report.fallbacks  # 2 layers x 7 linears
     assert out["loss_after"] < out["loss_before"]
+    # measured on this example (6 steps): reload 0.0 (same layers, same math), merge 1.5e-7 (W + s·B·A rounded once)
     assert out["diff_reload"] <= 1e-5 and out["diff_merge"] <= 1e-4
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
@@ -106,5 +107,5 @@ def test_hf_trainer_example_with_trl_sft_trainer(tmp_path):
     report = out["report"]
     assert len(report.patched) == 14 and not report.skipped and not report.fallbacks
     assert out["loss_after"] < out["loss_before"]
-    assert out["diff_reload"] <= 1e-5 and out["diff_merge"] <= 1e-4
+    assert out["diff_reload"] <= 1e-5 and out["diff_merge"] <= 1e-4  # measured (6 steps): 0.0 and 1.8e-7
 

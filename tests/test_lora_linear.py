@@ -266,10 +266,16 @@ def test_autocast_behaves_like_linear_plus_peft(backend, device, amp, weight_dty
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lead", [(7,), (2, 3, 5), (0,)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_no_grad_cpu_fast_path_matches_autograd_path_bitwise(dtype, lead, bias):
+@pytest.mark.parametrize("scaling", [1.7, 2, "np", "tensor"])
+def test_no_grad_cpu_fast_path_matches_autograd_path_bitwise(dtype, lead, bias, scaling, monkeypatch):
     """The torch path's no-grad shortcut (decode steps) gives the autograd path's exact bits,
-    with dropout off by ``training=False`` too, and strided inputs."""
+    with dropout off by ``training=False`` too, strided inputs, and every kind of scaling; the
+    shortcut is taken (the operator body is not reached)."""
+    import numpy as np
+
+    from fastlora import ops
     from fastlora.backend import force_backend
+    scaling = {"np": np.float32(1.7), "tensor": torch.tensor(1.7, dtype=dtype)}.get(scaling, scaling)
     g = torch.Generator().manual_seed(3)
     K, N, r = 33, 20, 12
     x = torch.randn(*lead, 2 * K, dtype=dtype, generator=g)[..., ::2]  # strided last dim
@@ -278,13 +284,15 @@ def test_no_grad_cpu_fast_path_matches_autograd_path_bitwise(dtype, lead, bias):
     B = torch.randn(N, r, dtype=dtype, generator=g)
     b = torch.randn(N, dtype=dtype, generator=g) if bias else None
     with force_backend("torch"):
-        with torch.no_grad():
-            fast = fastlora.lora_linear(x, W, A, B, 1.7, b, dropout_p=0.3, training=False)
+        with torch.no_grad(), monkeypatch.context() as m:
+            if lead != (0,):
+                m.setattr(ops, "forward_impl", lambda *a, **k: pytest.fail("the no-grad shortcut was not taken"))
+            fast = fastlora.lora_linear(x, W, A, B, scaling, b, dropout_p=0.3, training=False)
         Ag = A.clone().requires_grad_()
-        full = fastlora.lora_linear(x, W, Ag, B, 1.7, b, dropout_p=0.3, training=False)
+        full = fastlora.lora_linear(x, W, Ag, B, scaling, b, dropout_p=0.3, training=False)
     assert fast.shape == (*lead, N) and fast.dtype == dtype
     assert torch.equal(fast, full.detach())
-    ref = (x.double() @ W.double().t() + 1.7 * (x.double() @ A.double().t()) @ B.double().t()
+    ref = (x.double() @ W.double().t() + float(scaling) * (x.double() @ A.double().t()) @ B.double().t()
            + (b.double() if bias else 0))
     if fast.numel():
         assert_close("y", fast, ref, dtype, K)

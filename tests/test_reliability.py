@@ -55,8 +55,8 @@ class _Scaled(nn.Module):
 
 @pytest.mark.parametrize("change", ["pre-hook", "post-hook", "wrapper", "parametrized", "lora_A-hook", "forward"])
 def test_whatever_sits_between_lora_and_the_weight_runs_peft(change):
-    """Hooks, wrappers and parametrizations change the computation: PEFT's forward runs, and
-    outputs stay PEFT's exactly."""
+    """Hooks, wrappers and parametrizations change the computation: PEFT's forward runs for that
+    layer (its output stays PEFT's exactly), and it is reported."""
     pm = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     randomize_lora_B(pm)
     layer = next(m for m in pm.modules() if isinstance(m, peft.tuners.lora.layer.Linear))
@@ -400,4 +400,5 @@ def test_adapter_files_are_complete_for_auto_peft(tmp_path):
     auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     ids = batch("llama")["input_ids"]
     with torch.no_grad():
+        # PEFT (auto) vs fastlora layers: accumulation order only (measured here: max |diff| 2.2e-7)
         torch.testing.assert_close(auto(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
