@@ -107,8 +107,7 @@ def measure(step, steps, device):
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     peak = (torch.cuda.max_memory_allocated(device) - base_mem) / 2 ** 20 if device.type == "cuda" else float("nan")
-    times.sort()
-    return statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5], peak
+    return (*_quantiles(times), peak)
 
 
 def parse_args(argv=None):
@@ -132,6 +131,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab = 64, 96, 4, 2, 128
         args.layers, args.batch, args.seq, args.steps, args.dtype = 1, 2, 16, 2, torch.float32
+    args.dtype_name = str(args.dtype).replace("torch.", "")
     return args
 
 
@@ -197,10 +197,10 @@ def main(argv=None):
         print("smoke mode: a tiny Llama on the CPU; these timings are not performance figures.")
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']} | "
           f"{args.layers} Llama layers at hidden {args.hidden} ({args.shape}), {tokens} tokens/step, r={args.r}, "
-          f"dropout {args.dropout}, {str(args.dtype).replace('torch.', '')}")
+          f"dropout {args.dropout}, {args.dtype_name}")
 
     def row(name, med, p20, p80, peak):
-        rows.append({**env, "shape": args.shape, "dtype": str(args.dtype).replace("torch.", ""), "variant": name,
+        rows.append({**env, "shape": args.shape, "dtype": args.dtype_name, "variant": name,
                      "layers": args.layers, "batch": args.batch, "seq": args.seq, "tokens": tokens, "r": args.r,
                      "dropout": args.dropout, "steps": args.steps, "step_ms_median": med, "step_ms_p20": p20, "step_ms_p80": p80,
                      "tokens_per_s": tokens / med * 1e3, "peak_mem_mb": peak, "smoke": args.smoke})
@@ -250,7 +250,7 @@ def main(argv=None):
         grows = []
         for name, (med, p20, p80) in res.items():
             tps = args.generate / med * 1e3
-            grows.append({**env, "shape": args.shape, "dtype": str(args.dtype).replace("torch.", ""), "steps": args.steps,
+            grows.append({**env, "shape": args.shape, "dtype": args.dtype_name, "steps": args.steps,
                           "variant": name, "layers": args.layers, "prompt": 16,
                           "new_tokens": args.generate, "r": args.r, "gen_ms_median": med, "gen_ms_p20": p20,
                           "gen_ms_p80": p80, "tokens_per_s": tps, "smoke": args.smoke})

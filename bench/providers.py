@@ -18,6 +18,7 @@ frozen W and trainable A, B; the input x requires grad, as activations do inside
 """
 import contextlib
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,6 @@ def make_provider(name, inp):
         path = name.partition("-")[2] or "auto"
         # auto: no context (setting os.environ per call would add microseconds to decode rows), so
         # the caller's environment must not force a path
-        import os
         if path == "auto" and os.environ.get("FASTLORA_PATH", "auto").strip().lower() not in ("", "auto"):
             raise ValueError(f"provider fastlora: FASTLORA_PATH={os.environ['FASTLORA_PATH']!r} is set, so this row "
                              "would not measure the automatic choice; unset it (fastlora-fused / -hybrid force a path)")
