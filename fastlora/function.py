@@ -154,8 +154,15 @@ def _backward(ctx, dy, _dS=None, _dseed=None, _dmask=None):
     seed_t = rest.pop(0) if ctx.has_seed else None
     scale = rest.pop(0) if ctx.has_scale else None
     need = tuple(ctx.needs_input_grad)  # (input, weight, lora_A, lora_B, ..., bias at ctx.bias_slot, ...)
-    need_dx, need_dW, need_dA, need_dB = need[:4]
-    need_db = need[ctx.bias_slot]
+    dx, dW, dA, dB, db = grads(ctx, dy, input, weight, lora_A, lora_B, S, mask, seed_t, scale, *need[:4],
+                               need[ctx.bias_slot])
+    return dx, dW, dA, dB, None, db, None, None, None
+
+
+def grads(ctx, dy, input, weight, lora_A, lora_B, S, mask, seed_t, scale, need_dx, need_dW, need_dA, need_dB,
+          need_db):
+    """``(dx, dW, dA, dB, db)`` of one call (None where not needed) from what its forward saved
+    (``ctx``: scaling, dropout constants, backend, LoRA dtype, bias dtype; see :func:`_save`)."""
     N, K = weight.shape
     r = lora_A.shape[0]
     x = input if input.dim() == 2 else input.reshape(-1, K)
@@ -184,7 +191,7 @@ def _backward(ctx, dy, _dS=None, _dseed=None, _dmask=None):
                 db = dy.sum(0).to(ctx.bias_dtype)
     if dx is not None and input.dim() != 2:
         dx = dx.view(input.shape)
-    return dx, dW, dA, dB, None, db, None, None, None
+    return dx, dW, dA, dB, db
 
 
 class _LoRALinearEager(torch.autograd.Function):

@@ -1,9 +1,13 @@
 """``lora_linear``: the functional entry point (validation, autocast, dropout seed)."""
+import contextlib
+
 import torch
 
 from ._checks import AUTOCAST_ELIGIBLE, autocast_enabled, check_inputs, check_scaling
 from .dropout import check_dropout_p, check_seed
 from .function import _apply as apply, forward_no_grad
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _needs_grad(*tensors):
@@ -30,7 +34,11 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     Args:
         input: ``[..., K]`` float16 / bfloat16 / float32 / float64 (any strides; leading dims may
             be empty, M = 0 gives an empty output).
-        weight: ``[N, K]`` (``nn.Linear.weight`` layout), input's dtype (outside autocast).
+        weight: ``[N, K]`` (``nn.Linear.weight`` layout), input's dtype (outside autocast); or a
+            frozen quantized base weight (QLoRA / LLM.int8(), fastlora/quant.py): a bitsandbytes
+            ``Params4bit`` (NF4 / FP4, double quantization or not) or a
+            :class:`fastlora.quant.QuantizedWeight` (e.g. ``quantized_weight(linear8bitlt)``),
+            dequantized to input's dtype (fp16 / bf16 / fp32), never differentiated.
         lora_A: ``[r, K]`` (PEFT's ``lora_A.weight``), any float dtype.
         lora_B: ``[N, r]`` (PEFT's ``lora_B.weight``), any float dtype. fp32 adapters on an fp16 /
             bf16 model (PEFT's default) are fine: the LoRA matmuls run in input's dtype with fp32
@@ -61,6 +69,11 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     """
     device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
     autocast = autocast_enabled(device_type)
+    if type(weight) not in _PLAIN:
+        from . import quant
+        if quant.is_quantized(weight):
+            return _quantized(input, quant.quantized_weight(weight), lora_A, lora_B, scaling, bias, dropout_p,
+                              training, seed, autocast, device_type)
     shapes = check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=not autocast)
     check_scaling(scaling, input.device)
     p = check_dropout_p(dropout_p)
@@ -82,3 +95,25 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
         if not _needs_grad(input, weight, lora_A, lora_B, bias, scaling):
             return forward_no_grad(input, weight, lora_A, lora_B, scaling, bias, p, seed, dtype)
         return apply(input, weight, lora_A, lora_B, scaling, bias, p, seed, dtype)
+
+
+def _quantized(input, qw, lora_A, lora_B, scaling, bias, dropout_p, training, seed, autocast, device_type):
+    """:func:`lora_linear` with a quantized ``weight`` (fastlora/quant.py): the same validation,
+    autocast and dropout rules, W dequantized to the compute dtype."""
+    from .quant import check_quantized_call, qlora_linear
+    shapes = check_quantized_call(input, qw, lora_A, lora_B, bias, same_dtype=not autocast)
+    check_scaling(scaling, input.device)
+    p = check_dropout_p(dropout_p)
+    if not training:
+        p = 0.0
+    if seed is not None and not isinstance(seed, torch.Tensor):
+        check_seed(seed)
+    lora_dtype = None
+    if autocast:
+        dtype = torch.get_autocast_dtype(device_type)
+        input = input.to(dtype) if input.dtype in AUTOCAST_ELIGIBLE else input
+        bias = bias.to(dtype) if bias is not None and bias.dtype in AUTOCAST_ELIGIBLE else bias
+        lora_dtype, shapes = dtype, None
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        return qlora_linear(input, qw, lora_A, lora_B, scaling, bias, p, seed, lora_dtype, shapes,
+                            _needs_grad(input, lora_A, lora_B, bias, scaling))
