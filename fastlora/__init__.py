@@ -9,8 +9,9 @@ from .dispatch import explain_path
 from .dropout import dropout_mask
 from .function import LoRALinearFunction
 from .functional import lora_linear
-from .layer import LoRALinear
+from .layer import LoRALinear, QuantLoRALinear
 from .model import inject_lora, load_adapter, save_adapter
+from .quant import QuantizedWeight, quantized_weight
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastlora' has no attribute {name!r}")
 
 
-__all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "dropout_mask", "kernel_backend", "explain_path",
+__all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "QuantLoRALinear", "QuantizedWeight", "quantized_weight", "dropout_mask", "kernel_backend", "explain_path",
            "inject_lora",
            "save_adapter", "load_adapter", "patch_peft_model", "unpatch_peft_model", "PatchReport", "__version__"]

@@ -35,6 +35,16 @@ def is_conv1d(module):
     return cls is not None and isinstance(module, cls)
 
 
+def is_quantized_linear(module):
+    """A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (no import of bitsandbytes here: such a
+    module exists only if it was imported)."""
+    import sys
+    if "bitsandbytes" not in sys.modules:
+        return False
+    bnn = sys.modules["bitsandbytes"].nn
+    return isinstance(module, (bnn.Linear4bit, bnn.Linear8bitLt))
+
+
 def adapter_dtype_for(dtype):
     """PEFT's default (``autocast_adapter_dtype=True``): fp32 adapters on an fp16/bf16 base."""
     return torch.float32 if dtype in _HALF else dtype
@@ -111,13 +121,13 @@ class LoRALinear(nn.Module):
         self._use_rslora = use_rslora
         self._merged = False
         self._merge_record = None
-        w = self.weight
+        device, dtype = self.weight.device, self._base_dtype()
         # The scaling as a device scalar the kernels read (not in the state dict): a new alpha
         # updates it in place, so compiled graphs and CUDA graphs need no recompilation.
-        self.register_buffer("_scale", torch.tensor(self.scaling, device=w.device, dtype=acc_dtype_of(w.dtype)),
+        self.register_buffer("_scale", torch.tensor(self.scaling, device=device, dtype=acc_dtype_of(dtype)),
                              persistent=False)
         in_features, out_features = self.in_features, self.out_features
-        factory = {"device": w.device, "dtype": adapter_dtype_for(w.dtype)}
+        factory = {"device": device, "dtype": adapter_dtype_for(dtype)}
         self.lora_A = nn.Linear(in_features, self.r, bias=False, **factory)
         self.lora_B = nn.Linear(self.r, out_features, bias=False, **factory)
         self.reset_lora_parameters()
@@ -126,13 +136,17 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
         """Wrap an existing ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``, weight ``[in, out]``,
         PEFT's ``fan_in_fan_out``) sharing its weight and bias parameters (no copy); they are
-        frozen. Every argument is checked before anything changes: on an error the linear is
+        frozen. A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` gives a :class:`QuantLoRALinear`
+        (QLoRA) holding that layer as ``base_layer``. Every argument is checked before anything changes: on an error the linear is
         untouched.
 
         Raises:
             TypeError: ``linear`` is not an ``nn.Linear`` / ``Conv1D``; a hyper-parameter of the
                 wrong type. ValueError: a hyper-parameter out of range (as the constructor).
         """
+        if is_quantized_linear(linear):
+            return QuantLoRALinear.wrap(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                        use_rslora=use_rslora)
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
             raise TypeError(f"linear: expected an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
@@ -224,7 +238,11 @@ class LoRALinear(nn.Module):
         return self
 
     def _rebuild_scale(self, device):
-        self._scale = torch.tensor(self.scaling, device=device, dtype=acc_dtype_of(self.weight.dtype))
+        self._scale = torch.tensor(self.scaling, device=device, dtype=acc_dtype_of(self._base_dtype()))
+
+    def _base_dtype(self):
+        """The dtype the base layer computes in (the adapters' and the scale's dtype follow it)."""
+        return self.weight.dtype
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -275,7 +293,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def delta_weight(self):
         """``scaling·B·A`` as ``[out, in]``, computed in fp32 (fp64 for an fp64 base)."""
-        acc = acc_dtype_of(self.weight.dtype)
+        acc = acc_dtype_of(self._base_dtype())
         return self.scaling * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))
 
     @torch.no_grad()
@@ -344,3 +362,111 @@ class LoRALinear(nn.Module):
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", merged=True" if self._merged else "")
                 + f", backend={kernel_backend(self.weight.device)}")
+
+
+class QuantLoRALinear(LoRALinear):
+    """:class:`LoRALinear` over a frozen bitsandbytes-quantized base: QLoRA (``Linear4bit``, NF4 /
+    FP4, double quantization or not) or LLM.int8() (``Linear8bitLt`` with ``has_fp16_weights=
+    False``). Made by :meth:`LoRALinear.from_linear` (and so :func:`fastlora.inject_lora`).
+
+    The bitsandbytes layer is kept as ``base_layer`` (PEFT's layout; its state dict carries the
+    quantization state); ``weight`` and ``bias`` are its. Forward as bitsandbytes + PEFT: the
+    input is cast to the 4-bit layer's ``compute_dtype`` (the input's dtype if unset, and for
+    int8), ``y = x·dequant(W)ᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ`` by :func:`fastlora.lora_linear`
+    (fastlora/quant.py: W dequantized to a transient buffer, again in the backward), and the
+    output cast back to the input's dtype. Adapters are fp32 (PEFT's default for quantized bases).
+
+    :meth:`merge` raises (a merge would requantize ``W + scaling·B·A`` to the 4-bit / 8-bit grid);
+    :meth:`merged_linear` returns a plain ``nn.Linear`` holding the dequantized, merged weight.
+    """
+
+    weight = property(lambda self: self.base_layer.weight, doc="The base layer's quantized weight.")
+    bias = property(lambda self: self.base_layer.bias, doc="The base layer's bias (frozen), or None.")
+
+    @classmethod
+    def wrap(cls, linear, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
+        """See :meth:`LoRALinear.from_linear`. Raises ValueError if ``linear``'s weight is not
+        quantized yet (bitsandbytes quantizes when the layer moves to a device)."""
+        from .quant import quantized_weight
+        _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        quantized_weight(linear)  # refuses an unquantized / unreadable weight before anything changes
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.base_layer = linear
+        for p in linear.parameters():
+            p.requires_grad_(False)
+        layer.fan_in_fan_out = False
+        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora)
+        return layer
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    @property
+    def quantization(self):
+        """``"nf4"``, ``"fp4"`` or ``"int8"``."""
+        return self.quantized_weight().kind
+
+    def quantized_weight(self):
+        """The base weight as a :class:`fastlora.quant.QuantizedWeight`."""
+        from .quant import quantized_weight
+        return quantized_weight(self.base_layer)
+
+    def _base_dtype(self):
+        return torch.float32  # fp32 adapters and scale (the base computes in its compute dtype)
+
+    def _compute_dtype(self, input):
+        """bitsandbytes' rule: a 4-bit layer's ``compute_dtype`` if set, else the input's dtype."""
+        return getattr(self.base_layer, "compute_dtype", None) or input.dtype
+
+    def reset_parameters(self):
+        """Only the adapters (PEFT's init): the quantized base cannot be re-initialised."""
+        self.reset_lora_parameters()
+
+    def base_weight(self):
+        """The dequantized base weight ``[out, in]`` (a new tensor, in the 4-bit weight's original
+        dtype; fp32 for int8)."""
+        return self.quantized_weight().dequantize()
+
+    def forward(self, input):
+        """``input [..., in_features]`` -> ``[..., out_features]`` in input's dtype."""
+        dtype = self._compute_dtype(input)
+        x = input if input.dtype == dtype else input.to(dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        y = lora_linear(x, self.quantized_weight(), self.lora_A.weight, self.lora_B.weight, self._scale, bias,
+                        dropout_p=self.lora_dropout, training=self.training)
+        return y if y.dtype == input.dtype else y.to(input.dtype)
+
+    def merge(self):
+        """Refused: the merged weight would be requantized to the base's 4-bit / 8-bit grid
+        (an error of up to half a quantization step per element, far above the LoRA delta's
+        own size early in training). Raises ValueError; use :meth:`merged_linear`."""
+        raise ValueError(f"merge: the base weight is {self.quantization}-quantized (bitsandbytes); merging would "
+                         "requantize W + scaling·B·A to its grid and lose most of the delta. Use merged_linear() for "
+                         "a plain nn.Linear holding the dequantized, merged weight")
+
+    @torch.no_grad()
+    def merged_linear(self, dtype=None):
+        """A new ``nn.Linear`` holding ``dequant(W) + scaling·B·A`` (summed in fp32, rounded once to
+        ``dtype``) and a copy of the bias, on the base's device. ``dtype`` default: the 4-bit
+        weight's original dtype (``quant_state.dtype``), for int8 the bias's dtype, else fp32."""
+        qw = self.quantized_weight()
+        bias = self.bias
+        dtype = dtype or qw.dtype or (bias.dtype if bias is not None else torch.float32)
+        merged = qw.dequantize(torch.float32) + self.delta_weight()
+        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=merged.device,
+                        dtype=dtype)
+        out.weight.copy_(merged.to(dtype))
+        if bias is not None:
+            out.bias.copy_(bias)
+        return out
+
+    def extra_repr(self):
+        return super().extra_repr() + f", quantization={self.quantization}"

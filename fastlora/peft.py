@@ -20,6 +20,7 @@ layer and reason), and is counted in the :class:`PatchReport`.
 """
 import collections
 import dataclasses
+import functools
 import warnings
 
 import torch
@@ -29,7 +30,8 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from .functional import lora_linear
-from .layer import is_conv1d
+from .layer import is_conv1d, is_quantized_linear
+from .quant import quantized_weight
 
 
 @dataclasses.dataclass
@@ -85,22 +87,32 @@ def _hooked(module):
     return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
-def static_skip_reason(layer):
+def static_skip_reason(layer, quantized=False):
     """Why a PEFT LoRA layer can never run fused, knowable when patching (None if it can):
     its base layer is another tuner layer (LoRA stacked on LoHa / LoKr / ... in a PeftMixedModel:
-    the fused op would drop that adapter's output) or not a plain ``nn.Linear`` / GPT-2 ``Conv1D``."""
+    the fused op would drop that adapter's output) or not a plain ``nn.Linear`` / GPT-2 ``Conv1D``
+    (``quantized``: not a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, or an 8-bit one that keeps
+    fp16 weights or splits outliers, whose forward is not a matmul with the dequantized W)."""
     base = layer.base_layer
     if isinstance(base, BaseTunerLayer):
         return (f"base layer is a tuner layer ({type(base).__module__}.{type(base).__name__}), whose output "
                 "the fused op would drop")
+    if quantized:
+        if not is_quantized_linear(base):
+            return f"base layer {type(base).__name__} is not a bitsandbytes Linear4bit / Linear8bitLt"
+        state = getattr(base, "state", None)
+        if state is not None and getattr(state, "has_fp16_weights", False):
+            return "8-bit base layer with has_fp16_weights=True (its weight is not quantized)"
+        return None
     if not (type(base) is nn.Linear or is_conv1d(base)):
         return f"base layer {type(base).__name__} is not a plain nn.Linear / Conv1D"
     return None
 
 
-def _fallback_reason(layer, x, args, kwargs):
+def _fallback_reason(layer, x, args, kwargs, quantized=False):
     """Why this call cannot be fused (None if it can), and otherwise the pieces the fused call
-    uses: ``(adapter, base, lora_A, lora_B, dropout)``. The fused op replaces exactly
+    uses: ``(adapter, base, weight, lora_A, lora_B, dropout)`` (``weight``: the base's, or with
+    ``quantized`` its :class:`fastlora.quant.QuantizedWeight`). The fused op replaces exactly
     ``base_layer(x) + lora_B(lora_A(dropout(x)))·scaling``; anything else in that computation
     (another tuner layer, hooks, a replaced forward) runs PEFT's. Runs at every call: written to
     read each attribute once (module attribute lookups dominate its cost at decode sizes)."""
@@ -124,14 +136,25 @@ def _fallback_reason(layer, x, args, kwargs):
     if (layer.__dict__.get("use_dora") or {}).get(adapter, False):
         return "DoRA", None
     base = mods["base_layer"]
-    if type(base) is not nn.Linear:
-        static = static_skip_reason(layer)
-        if static is not None:
-            return static, None
     params = base._parameters
     weight, bias = params.get("weight"), params.get("bias")
-    if not _plain_weight(weight) or (bias is not None and not _plain_weight(bias)):
-        return "quantized, sharded or empty base weight", None
+    if quantized:
+        static = static_skip_reason(layer, quantized=True)
+        if static is not None:
+            return static, None
+        try:
+            weight = quantized_weight(base)
+        except (TypeError, ValueError) as e:
+            return f"quantized base weight fastlora does not read ({e})", None
+        if bias is not None and not _plain_weight(bias):
+            return "sharded or empty base bias", None
+    else:
+        if type(base) is not nn.Linear:
+            static = static_skip_reason(layer)
+            if static is not None:
+                return static, None
+        if not _plain_weight(weight) or (bias is not None and not _plain_weight(bias)):
+            return "quantized, sharded or empty base weight", None
     if _base_is_hooked(base):
         return "hooks on the base layer", None
     if weight.device != x.device:
@@ -144,7 +167,7 @@ def _fallback_reason(layer, x, args, kwargs):
         return f"dropout module {type(dropout).__name__}", None
     if _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout):
         return "hooks on lora_A / lora_B / lora_dropout", None
-    return None, (adapter, base, lora_A, lora_B, dropout)
+    return None, (adapter, base, weight, lora_A, lora_B, dropout)
 
 
 class FastLoraPeftLinear(PeftLoraLinear):
@@ -161,18 +184,9 @@ class FastLoraPeftLinear(PeftLoraLinear):
         if reason is not None:
             self._fastlora_fallback(reason)
             return super().forward(x, *args, **kwargs)
-        adapter, base, lora_A, lora_B, dropout = parts
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        scaling = self.scaling[adapter]
-        bias = base.bias
-        if (self.__dict__.get("lora_bias") or {}).get(adapter, False) and lora_B.bias is not None:
-            extra = scaling * lora_B.bias
-            bias = extra if bias is None else bias + extra.to(bias.dtype)
-        if bias is not None and bias.dtype != weight.dtype:
-            bias = bias.to(weight.dtype)
-        p = dropout.p if type(dropout) is nn.Dropout else 0.0
-        return lora_linear(x, weight, lora_A.weight, lora_B.weight, scaling, bias, dropout_p=p,
-                           training=dropout.training)
+        adapter, base, weight, lora_A, lora_B, dropout = parts
+        weight = weight.t() if self.fan_in_fan_out else weight
+        return _fused(self, x, adapter, base, weight, lora_A, lora_B, dropout, weight.dtype)
 
     def _fastlora_fallback(self, reason):
         name = getattr(self, "_fastlora_name", "?")
@@ -185,6 +199,67 @@ class FastLoraPeftLinear(PeftLoraLinear):
         if reason not in warned:
             warned.add(reason)
             warnings.warn(f"fastlora: {name} runs PEFT's own forward ({reason})", stacklevel=3)
+
+
+def _fused(layer, x, adapter, base, weight, lora_A, lora_B, dropout, dtype):
+    """The fused call replacing ``base_layer(x) + lora_B(lora_A(dropout(x)))·scaling`` (``dtype``:
+    the base's compute dtype; bias and, with lora_bias, ``scaling·lora_B.bias`` folded into it)."""
+    scaling = layer.scaling[adapter]
+    bias = base.bias
+    if (layer.__dict__.get("lora_bias") or {}).get(adapter, False) and lora_B.bias is not None:
+        extra = scaling * lora_B.bias
+        bias = extra if bias is None else bias + extra.to(bias.dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    p = dropout.p if type(dropout) is nn.Dropout else 0.0
+    return lora_linear(x, weight, lora_A.weight, lora_B.weight, scaling, bias, dropout_p=p, training=dropout.training)
+
+
+class _FastLoraQuantMixin:
+    """forward for PEFT's bitsandbytes LoRA layers (``peft.tuners.lora.bnb.Linear4bit`` /
+    ``Linear8bitLt``): bitsandbytes' casts around :func:`fastlora.lora_linear` with the quantized
+    weight (the input to a 4-bit layer's ``compute_dtype``, the output back to the input's dtype),
+    PEFT's forward where fastlora cannot compute the call exactly (as for plain layers)."""
+
+    def _get_name(self):
+        return self._peft_class.__name__
+
+    def forward(self, x, *args, **kwargs):
+        reason, parts = _fallback_reason(self, x, args, kwargs, quantized=True)
+        if reason is not None:
+            self._fastlora_fallback(reason)
+            return self._peft_class.forward(self, x, *args, **kwargs)
+        adapter, base, qweight, lora_A, lora_B, dropout = parts
+        dtype = getattr(base, "compute_dtype", None) or x.dtype
+        y = _fused(self, x if x.dtype == dtype else x.to(dtype), adapter, base, qweight, lora_A, lora_B, dropout,
+                   dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    _fastlora_fallback = FastLoraPeftLinear._fastlora_fallback
+
+
+def quant_layer_classes():
+    """``{PEFT bitsandbytes LoRA class: its fastlora subclass}`` (empty without bitsandbytes)."""
+    import sys
+    if "bitsandbytes" not in sys.modules:
+        return {}
+    return _quant_classes()
+
+
+@functools.lru_cache(maxsize=None)
+def _quant_classes():
+    try:
+        from peft.tuners.lora import bnb as peft_bnb
+    except ImportError:
+        return {}
+    out = {}
+    for name in ("Linear8bitLt", "Linear4bit"):
+        peft_class = getattr(peft_bnb, name, None)
+        if peft_class is not None:
+            out[peft_class] = type(f"FastLora{name}", (_FastLoraQuantMixin, peft_class),
+                                   {"_peft_class": peft_class, "__module__": __name__,
+                                    "__doc__": f"PEFT's ``lora.bnb.{name}`` running fastlora when it can."})
+    return out
 
 
 def _configured_fallback(layer):
@@ -208,7 +283,7 @@ def patch_peft_model(model):
 
     Returns:
         :class:`PatchReport` listing patched layers, layers skipped with the reason (other LoRA
-        layer types, e.g. Embedding, Conv2d, bitsandbytes; LoRA stacked on another tuner layer),
+        layer types, e.g. Embedding, Conv2d; LoRA stacked on another tuner layer),
         patched layers that run PEFT's forward as configured (e.g. DoRA), and a live count of
         call-time fallbacks. One warning per reason summarises what will not run fused. Patching
         twice is harmless.
@@ -220,7 +295,9 @@ def patch_peft_model(model):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module holding PEFT LoRA layers, got {type(model).__name__}")
-    lora = [(n, m) for n, m in model.named_modules() if isinstance(m, FastLoraPeftLinear)
+    quant_classes = quant_layer_classes()
+    patched_types = (FastLoraPeftLinear, *quant_classes.values())
+    lora = [(n, m) for n, m in model.named_modules() if isinstance(m, patched_types)
             or (isinstance(m, BaseTunerLayer) and type(m).__module__.startswith("peft.tuners.lora"))]
     if not lora:
         raise ValueError(f"model: no PEFT LoRA layer in {type(model).__name__}; call patch_peft_model on the model "
@@ -228,18 +305,19 @@ def patch_peft_model(model):
     report = getattr(model, "_fastlora_report", None) or PatchReport()
     new_skips, new_expected = {}, {}
     for name, module in lora:
-        if isinstance(module, FastLoraPeftLinear):
+        if isinstance(module, patched_types):
             if name not in report.patched:
                 report.patched.append(name)
             continue
-        if type(module) is not PeftLoraLinear:
+        target = FastLoraPeftLinear if type(module) is PeftLoraLinear else quant_classes.get(type(module))
+        if target is None:
             new_skips[name] = f"unsupported LoRA layer type {type(module).__module__}.{type(module).__name__}"
             continue
-        why = static_skip_reason(module)
+        why = static_skip_reason(module, quantized=target is not FastLoraPeftLinear)
         if why is not None:
             new_skips[name] = why
             continue
-        module.__class__ = FastLoraPeftLinear
+        module.__class__ = target
         module._fastlora_name = name
         module._fastlora_report = report
         report.patched.append(name)
@@ -267,9 +345,11 @@ def unpatch_peft_model(model):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     restored = []
+    patched = {cls: peft_class for peft_class, cls in quant_layer_classes().items()}
+    patched[FastLoraPeftLinear] = PeftLoraLinear
     for name, module in model.named_modules():
-        if isinstance(module, FastLoraPeftLinear):
-            module.__class__ = PeftLoraLinear
+        if type(module) in patched:
+            module.__class__ = patched[type(module)]
             for attr in ("_fastlora_name", "_fastlora_report", "_fastlora_warned"):
                 module.__dict__.pop(attr, None)
             restored.append(name)
