@@ -21,6 +21,7 @@ Minimal bytes (each operand read once, each result written once, e = element siz
     fwd  e·(MK + NK + MN) + adapters     bwd  e·(MN + MK + NK + MK) + adapters
 """
 import argparse
+import collections
 import csv
 import datetime
 import os
@@ -34,7 +35,9 @@ import torch
 from . import shapes as S
 
 PROVIDERS = ("base", "eager", "peft", "peft-fp32", "compile", "addmm", "fastlora", "fastlora-fused", "fastlora-hybrid",
-             "fastlora-fp32")
+             "fastlora-fp32", "qlora-base", "peft-qlora", "fastlora-qlora")
+QLORA_PROVIDERS = ("qlora-base", "peft-qlora", "fastlora-qlora")  # NF4 base weight (bitsandbytes)
+BASES = ("base", "qlora-base")  # no LoRA branch
 
 MODES = ("fwd", "bwd", "fwd+bwd", "eval")  # eval: forward under torch.no_grad, dropout off (decode)
 COLUMNS = ["date", "commit", "gpu", "torch", "triton", "set", "layer", "M", "N", "K", "r", "dtype", "dropout", "mode",
@@ -56,6 +59,14 @@ PRESETS = {
                 dropout=[0.0, 0.1], dtypes=["fp32"], modes=["fwd+bwd"], compile_cases="none",
                 providers=["base", "eager", "peft", "addmm", "fastlora"],
                 extra=[dict(tokens=[1, 16], dropout=[0.0], modes=["eval"])]),
+    # QLoRA (issue #13): NF4 base weights (bitsandbytes, double quantization), PEFT's QLoRA layer
+    # against fastlora's, beside the bf16 base and fastlora's LoRA on it; peak memory per row.
+    "qlora": dict(sets=["llama3-8b"], tokens=[2048, 8192], ranks=[16], dropout=[0.1], dtypes=["bf16"],
+                  modes=["fwd+bwd"], compile_cases="none",
+                  providers=["base", "qlora-base", "peft-qlora", "fastlora-qlora", "fastlora"], extra=[]),
+    "qlora-cpu": dict(sets=["smollm2-135m"], tokens=[256, 1024], ranks=[8], dropout=[0.0, 0.1],
+                      dtypes=["fp32"], modes=["fwd+bwd"], compile_cases="none",
+                      providers=["base", "qlora-base", "peft-qlora", "fastlora-qlora"], extra=[]),
     "full": dict(sets=["llama3-8b", "qwen2.5-7b", "mistral-7b", "smollm2-135m", "minilm"], tokens=list(S.TOKENS),
                  ranks=list(S.RANKS), dropout=[0.0, 0.1], dtypes=["bf16", "fp16"], modes=list(MODES),
                  compile_cases="all", extra=[]),
@@ -77,7 +88,7 @@ def is_goal_case(layer, M, r, dtype, p, mode):
 
 
 def flops(M, N, K, r, mode, provider):
-    if provider == "base":
+    if provider in BASES:
         return {"fwd": 2 * M * N * K, "bwd": 2 * M * N * K, "fwd+bwd": 4 * M * N * K}[mode]
     fwd = 2 * M * N * K + 2 * M * K * r + 2 * M * N * r
     bwd = 2 * M * N * K + 4 * M * N * r + 4 * M * K * r
@@ -85,9 +96,10 @@ def flops(M, N, K, r, mode, provider):
 
 
 def min_bytes(M, N, K, r, e, mode, provider):
-    adapters = 0 if provider == "base" else e * r * (N + K)
-    fwd = e * (M * K + N * K + M * N) + adapters
-    bwd = e * (M * N + M * K + N * K + M * K) + 2 * adapters
+    adapters = 0 if provider in BASES else e * r * (N + K)
+    w = N * K / 2 if provider in QLORA_PROVIDERS else e * N * K  # NF4: half a byte per weight
+    fwd = e * (M * K + M * N) + w + adapters
+    bwd = e * (M * N + M * K + M * K) + w + 2 * adapters
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
@@ -146,13 +158,14 @@ def max_rel_error(prov, inp):
     prov.backward(y, inp.dy)
     x64 = inp.x.detach().double().requires_grad_()
     leaves64 = [x64]
-    if prov.name == "base":
-        y64 = x64 @ inp.W.double().t()
+    W = getattr(prov, "W_ref", inp.W)  # QLoRA providers: the dequantized weight
+    if prov.name in BASES:
+        y64 = x64 @ W.double().t()
     else:
         A64 = prov.leaves[1].detach().double().requires_grad_()
         B64 = prov.leaves[2].detach().double().requires_grad_()
         leaves64 += [A64, B64]
-        y64 = x64 @ inp.W.double().t() + inp.scaling * (x64 @ A64.t()) @ B64.t()
+        y64 = x64 @ W.double().t() + inp.scaling * (x64 @ A64.t()) @ B64.t()
     y64.backward(inp.dy.double())
     errs = [(y.double() - y64).abs().max() / y64.abs().max()]
     for t, t64 in zip(prov.leaves, leaves64):
@@ -364,6 +377,7 @@ def run(args):
             rows += case
     print_table(rows)
     print_goals(rows)
+    print_qlora(rows)
     print_static_model(rows)
     if failures:
         print(f"{len(failures)} provider run(s) failed: " + "; ".join(f"{f[0]} {f[2]} M={f[3]} {f[4]}" for f in failures))
@@ -426,6 +440,27 @@ def print_everywhere_goals(rows):
             print(f"  {what}: {' '.join(map(str, key))} ({ratio:.3f}x)")
 
 
+def print_qlora(rows):
+    """QLoRA rows: fastlora against PEFT + bitsandbytes, both over the same NF4 base (time, peak
+    memory), and each one's cost over that frozen quantized base."""
+    cases = collections.defaultdict(dict)
+    for r in rows:
+        if r["provider"] in QLORA_PROVIDERS:
+            cases[(r["set"], r["layer"], r["M"], r["N"], r["K"], r["r"], r["dtype"], r["dropout"], r["mode"])][
+                r["provider"]] = r
+    lines = []
+    for key, by in cases.items():
+        if {"qlora-base", "peft-qlora", "fastlora-qlora"} <= set(by):
+            base, peft_, fast = (by[p]["median_ms"] for p in ("qlora-base", "peft-qlora", "fastlora-qlora"))
+            mem = [by[p]["peak_mem_mb"] for p in ("peft-qlora", "fastlora-qlora")]
+            lines.append(f"  {key[1]:10} M={key[2]:<5} p={key[7]} {key[8]:8} fastlora/peft {fast / peft_:.3f}  "
+                         f"x qlora-base: peft {peft_ / base:.3f} fastlora {fast / base:.3f}  "
+                         f"peak MB peft {mem[0]:.0f} fastlora {mem[1]:.0f}")
+    if lines:
+        print("QLoRA (NF4 base): time of fastlora-qlora / peft-qlora, each / the frozen NF4 layer, peak memory:")
+        print("\n".join(lines))
+
+
 def print_goals(rows):
     """Report (never assert) the goals: fwd+bwd, M=8192, bf16, r=16, p=0.1, Llama-3-8B shapes."""
     print_everywhere_goals(rows)
@@ -448,6 +483,11 @@ def print_goals(rows):
                 line += f" | speedup over {other} {sp:.2f} (goal >= {g}) {'MET' if sp >= g else 'MISSED'}"
         line += f" | LoRA M×K tensors saved: {fl['lora_mk_saved']}"
         print(line)
+
+
+def _has_bitsandbytes():
+    import importlib.util
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def parse_args(argv=None):
@@ -481,7 +521,8 @@ def parse_args(argv=None):
     args.compile_cases = preset["compile_cases"]
     if args.providers is None:
         # torch.compile needs a C++ toolchain and minutes on a CPU; the smoke run leaves it out
-        args.providers = preset.get("providers") or [p for p in PROVIDERS if not (args.smoke and p == "compile")]
+        args.providers = preset.get("providers") or [p for p in PROVIDERS if not (args.smoke and p == "compile")
+                                                     and (p not in QLORA_PROVIDERS or _has_bitsandbytes())]
     if "base" not in args.providers:
         args.providers = ["base"] + args.providers
     if args.smoke:

@@ -10,8 +10,11 @@
 # the files under OUT_DIR come back even if one overruns: at most 9 min of stages, inside the device
 # tool's 10-minute limit per command (call it with timeout_s 600) and, with the machine's start
 # (1-2 min), the 15 minutes lent.
-# OUT_DIR receives at most 8 files: device_check.log, env.txt, tests.txt, lora_linear.csv,
-# ratio_to_base.png, speedup_vs_eager.png, e2e.csv.
+# OUT_DIR receives at most 9 files: device_check.log, env.txt, tests.txt, lora_linear.csv,
+# ratio_to_base.png, speedup_vs_eager.png, e2e.csv, qlora/lora_linear.csv (+ its plots).
+# The QLoRA stage needs bitsandbytes, which the GPU image lacks: carry its wheel (the device
+# tool's README: `pip download ... -d .whl bitsandbytes==0.50.0`, `carry: [".whl"]`); this script
+# installs .whl/*.whl into /tmp/site when that folder exists, and skips the stage otherwise.
 set -uo pipefail
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
@@ -40,7 +43,13 @@ print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else '
 if [ $DRY = 0 ]; then
   stage "install fastlora (no network, no dependencies)"
   "$PY" -m pip install -q --no-deps --no-build-isolation . || { echo "install failed"; exit 1; }
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
 fi
+HAS_BNB=$("$PY" -c "import bitsandbytes" 2>/dev/null && echo 1 || echo 0)
+echo "bitsandbytes importable: $HAS_BNB"
 
 stage "compiled GPU tests"
 # The broad pass uses fixed configs (no autotuning: one compile per kernel variant); a second
@@ -48,7 +57,8 @@ stage "compiled GPU tests"
 if [ $DRY = 0 ]; then
   FASTLORA_AUTOTUNE=0 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     tests/test_lora_linear.py tests/test_dropout.py tests/test_launches_and_memory.py tests/test_layer.py \
-    tests/test_peft.py tests/test_training_setups.py tests/test_errors.py -k "gpu or triton or cuda or test_gpu" \
+    tests/test_peft.py tests/test_training_setups.py tests/test_errors.py tests/test_qlora.py \
+    -k "gpu or triton or cuda or test_gpu" \
     2>&1 | tee "$OUT/tests.txt" | tail -40
   echo "== both paths (fused, hybrid), bf16 and fp32 LoRA math included" | tee -a "$OUT/tests.txt"
   FASTLORA_AUTOTUNE=0 timeout 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_paths.py \
@@ -63,11 +73,24 @@ fi
 
 stage "benchmark: standard set"
 if [ $DRY = 0 ]; then
-  timeout 270 "$PY" -m bench --preset device --warmup 10 --rep 50 --no-progress --out "$OUT"
+  timeout 230 "$PY" -m bench --preset device --warmup 10 --rep 50 --no-progress --out "$OUT"
 else
   timeout 120 "$PY" -m bench --smoke --no-progress --out "$OUT"
 fi
 echo "bench exit: $?"
+
+stage "benchmark: QLoRA (NF4 base: PEFT + bitsandbytes vs fastlora, peak memory)"
+if [ "$HAS_BNB" = 1 ]; then
+  if [ $DRY = 0 ]; then
+    timeout 50 "$PY" -m bench --preset qlora --warmup 10 --rep 40 --no-progress --out "$OUT/qlora"
+  else
+    timeout 120 "$PY" -m bench --smoke --providers base qlora-base peft-qlora fastlora-qlora --modes fwd+bwd \
+      --no-progress --out "$OUT/qlora"
+  fi
+  echo "qlora bench exit: $?"
+else
+  echo "skipped: bitsandbytes is not installed (carry its wheel in .whl/)"
+fi
 
 stage "benchmark: end-to-end Llama step"
 if [ $DRY = 0 ]; then

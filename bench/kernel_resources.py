@@ -40,6 +40,7 @@ from fastlora.kernels import configs
 
 _FWD = importlib.import_module("fastlora.kernels.lora_forward")
 _BWD = importlib.import_module("fastlora.kernels.lora_backward")
+_DQ = importlib.import_module("fastlora.kernels.dequant")
 
 _ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
@@ -105,9 +106,29 @@ KERNELS = {
                            "fp32", "fp32", None),
                 "hybrid-r32": (dict(DO_DA=True, DO_DB=False, ADD_DX=True, HAS_DROPOUT=True, ATOMIC=True,
                                     BLOCK_R=configs.MAX_FULL_RANK), "fp32", "fp32", None)}),
+    # QLoRA: the dequantization kernels (one tile per program, no loop: the gates check their
+    # loads and stores are 16-byte vectors instead)
+    "dequant_4bit": (_DQ._dequant_4bit_kernel,
+                     dict(q_ptr="i32", code_ptr="fp32", absmax_ptr="fp32", qabsmax_ptr="u8", absmax2_ptr="fp32",
+                          code2_ptr="fp32", offset_ptr="fp32", out_ptr="T"),
+                     (), (),
+                     {"nf4-64": (dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=False, BF16_BY_BITS=False),
+                                 "T", "T", None),
+                      "nested-64": (dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, BF16_BY_BITS=False),
+                                    "T", "T", None),
+                      "nested-256": (dict(BLOCKSIZE=256, BLOCKSIZE2=256, NESTED=True, BF16_BY_BITS=False),
+                                     "T", "T", None)}),
+    "dequant_int8": (_DQ._dequant_int8_kernel,
+                     dict(cb_ptr="i8", scb_ptr="fp32", out_ptr="T"),
+                     ("stride_ck", "stride_ok"), (),
+                     {"int8": (dict(BF16_BY_BITS=False), "T", "T", None)}),
 }
+DEQUANT_KERNELS = ("dequant_4bit", "dequant_int8")
+# the launch configs of kernels/dequant.py's launchers (compiled GPU)
+DEQUANT_CONFIGS = {"dequant_4bit": (dict(BLOCK_WORDS=256), 4, 3), "dequant_int8": (dict(BLOCK_N=16, BLOCK_K=256), 4, 3)}
 _FLOAT_ARGS = ("keep_scale",)
-_UNALIGNED_INTS = ("M", "M_KEY", "keep_thresh")  # do_not_specialize / arbitrary values
+# arbitrary values (the dequant kernels' sizes are multiples of 16 in real layers: specialised so)
+_UNALIGNED_INTS = ("M", "M_KEY", "keep_thresh")
 
 
 @dataclasses.dataclass
@@ -135,6 +156,9 @@ class Resources:
     loop_async_copies: int
     tma_loads: int
     streamed: int
+    vector_loads: int = 0
+    vector_stores: int = 0
+    scalar_stores: int = 0
 
 
 def _tool(name):
@@ -175,9 +199,14 @@ def sass_counts(sass):
     def in_loop(a):
         return any(s <= a <= e for s, e in loops)
 
-    c = dict(scalar_loads=0, loop_sync_loads=0, async_copies=0, loop_async_copies=0, tma_loads=0, wgmma=0, mma=0)
+    c = dict(scalar_loads=0, loop_sync_loads=0, async_copies=0, loop_async_copies=0, tma_loads=0, wgmma=0, mma=0,
+             vector_loads=0, vector_stores=0, scalar_stores=0)
     for addr, op, _ in insns:
+        if op.startswith("STG."):
+            c["vector_stores"] += ".128" in op
+            c["scalar_stores"] += bool(re.search(r"\.(U|S)(8|16)\b", op))
         if op.startswith("LDG."):
+            c["vector_loads"] += ".128" in op
             if re.search(r"\.(U|S)(8|16)\b", op):
                 c["scalar_loads"] += 1
             if in_loop(addr):
@@ -299,6 +328,12 @@ def shipped(arches=(80, 86, 90, 120), dtypes=("bf16", "fp16"), ci=False):
         for arch in arches:
             for dtype in dtypes:
                 if ci and ((dtype == "fp16" and arch != 90) or (dtype == "fp64" and arch not in (80, 90))):
+                    continue
+                if kernel in DEQUANT_KERNELS:
+                    if dtype != "fp64":  # bitsandbytes dequantizes to 16/32-bit floats only
+                        meta, warps, stages = DEQUANT_CONFIGS[kernel]
+                        for variant in variants:
+                            yield kernel, arch, dtype, triton.Config(meta, num_warps=warps, num_stages=stages), variant
                     continue
                 for variant, (meta, _, _, _) in variants.items():
                     if ci and dtype in ("fp16", "fp64") and variant != "heavy":

@@ -51,7 +51,7 @@ def plot_csv(path, out_dir, rows=None, mode="fwd+bwd"):
         for ax, ((set_name, layer, N, K), rs) in zip(axes.flat, panels.items()):
             lines = collections.defaultdict(list)
             for r in rs:
-                if r["provider"] != skip and r[metric] not in ("", "nan"):
+                if r["provider"] != skip and r[metric] not in ("", "nan") and float(r[metric]) > 0:
                     lines[(r["provider"], r["dtype"], r["r"], r["dropout"])].append((int(r["M"]), float(r[metric])))
             values = [v for pts in lines.values() for _, v in pts if v > 0]
             for (prov, dt, rank, p), pts in sorted(lines.items()):

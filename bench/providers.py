@@ -15,6 +15,12 @@ frozen W and trainable A, B; the input x requires grad, as activations do inside
   fastlora-hybrid the same, forced onto the hybrid path: cuBLAS GEMMs + Triton LoRA kernels
   fastlora-fp32 ``fastlora.lora_linear`` with fp32 adapters (PEFT's default), no autocast: the
                 LoRA math in fp32, as PEFT computes it (the exact operand split on tensor cores)
+
+QLoRA (W quantized once per case by bitsandbytes to NF4 with double quantization, blocksize 64,
+compute dtype the model dtype; needs bitsandbytes):
+  qlora-base      the frozen bitsandbytes ``Linear4bit`` alone: QLoRA's floor
+  peft-qlora      a real PEFT ``lora.bnb.Linear4bit`` over it, adapters in the model dtype
+  fastlora-qlora  ``fastlora.lora_linear`` with that ``Params4bit`` as the weight
 """
 import contextlib
 import dataclasses
@@ -107,6 +113,41 @@ def _path_env(path):
             os.environ["FASTLORA_PATH"] = previous
 
 
+def _nf4_layer(inp):
+    """A bitsandbytes NF4 ``Linear4bit`` holding W (double quantization, compute dtype W's)."""
+    import bitsandbytes as bnb
+    N, K = inp.W.shape
+    layer = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=inp.W.dtype, quant_type="nf4",
+                              compress_statistics=True)
+    layer.load_state_dict({"weight": inp.W.detach().cpu()})
+    return layer.to(inp.W.device)  # quantizes there
+
+
+def _qlora_provider(name, inp):
+    from torch import nn
+    x, A, B, s, p = inp.x, inp.A, inp.B, inp.scaling, inp.p
+    base = _nf4_layer(inp)
+    if name == "qlora-base":
+        prov = Provider(name, lambda: base(x), [x], [base.weight])
+    elif name == "peft-qlora":
+        import peft
+        seq = nn.Sequential(base)
+        seq.is_loaded_in_4bit = True  # what PEFT reads to pick its bitsandbytes LoRA layer
+        r = A.shape[0]
+        cfg = peft.LoraConfig(r=r, lora_alpha=s * r, target_modules=["0"], lora_dropout=p)
+        layer = peft.get_peft_model(seq, cfg, autocast_adapter_dtype=False).base_model.model[0]
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        with torch.no_grad():
+            a.data, b.data = A.detach().clone(), B.detach().clone()  # the model dtype, as the peft row
+        layer.train()
+        prov = Provider(name, lambda: layer(x), [x, a, b], [base.weight, a, b])
+    else:
+        w = base.weight
+        prov = Provider(name, lambda: fastlora.lora_linear(x, w, A, B, s, dropout_p=p), [x, A, B], [w, A, B])
+    prov.W_ref = fastlora.quantized_weight(base).dequantize(inp.W.dtype)
+    return prov
+
+
 def make_provider(name, inp):
     x, W, A, B, s, p = inp.x, inp.W, inp.A, inp.B, inp.scaling, inp.p
     lora_leaves = [x, A, B]
@@ -146,4 +187,6 @@ def make_provider(name, inp):
         b32 = B.detach().float().requires_grad_()
         return Provider(name, lambda: fastlora.lora_linear(x, W, a32, b32, s, dropout_p=p), [x, a32, b32],
                         [W, a32, b32])
+    if name in ("qlora-base", "peft-qlora", "fastlora-qlora"):
+        return _qlora_provider(name, inp)
     raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")

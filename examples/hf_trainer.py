@@ -4,6 +4,7 @@ then generate, save, reload and merge.
     python examples/hf_trainer.py                    # a tiny Llama built from a config: no download
     python examples/hf_trainer.py --model PATH       # a local causal LM folder (e.g. SmolLM2-135M)
     python examples/hf_trainer.py --sft              # TRL's SFTTrainer instead of Trainer (pip install trl)
+    python examples/hf_trainer.py --qlora nf4        # QLoRA: the base loaded 4-bit by bitsandbytes
 
 The steps, as a user writes them:
 
@@ -70,6 +71,18 @@ def tiny_llama(seed=0):
     return transformers.LlamaForCausalLM(cfg), byte_tokenizer()
 
 
+def quantization_config(kind):
+    """transformers' BitsAndBytesConfig for ``--qlora``: QLoRA's usual NF4 with double
+    quantization, FP4, or LLM.int8(); the 4-bit compute dtype bf16 on a GPU that has it, else fp32."""
+    import torch
+    import transformers
+    if kind == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                           bnb_4bit_use_double_quant=kind == "nf4",
+                                           bnb_4bit_compute_dtype=torch.bfloat16 if _bf16_gpu() else torch.float32)
+
+
 def load(args):
     """(base model, tokenizer, encode function)."""
     import transformers
@@ -79,7 +92,14 @@ def load(args):
         tok = transformers.AutoTokenizer.from_pretrained(args.model)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model)
+        model = None if args.qlora else transformers.AutoModelForCausalLM.from_pretrained(args.model)
+    if args.qlora:  # bitsandbytes quantizes the linear layers while loading (from a folder: save the tiny one)
+        path = args.model
+        if path is None:
+            path = os.path.join(args.out, "base")
+            model.save_pretrained(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization_config(args.qlora), device_map="cuda" if _cuda() else "cpu")
     return model, tok, lambda t: tok(t, truncation=True, max_length=args.max_length)["input_ids"]
 
 
@@ -162,7 +182,7 @@ def run(args):
     import fastlora
     os.makedirs(args.out, exist_ok=True)
     base, tok, encode = load(args)
-    if _cuda():
+    if _cuda() and not args.qlora:
         base = base.cuda()
     data = TextDataset(encode, texts(args.examples), args.max_length)
     coll = collate(tok.pad_token_id)
@@ -194,11 +214,12 @@ def run(args):
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval()
     with torch.no_grad():
         diff_reload = (reloaded(input_ids=out).logits - logits).abs().max().item()
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload()  # QLoRA: PEFT dequantizes, adds s·B·A and requantizes
     with torch.no_grad():
         diff_merge = (merged(input_ids=out).logits - logits).abs().max().item()
     print(f"save_pretrained -> PeftModel.from_pretrained: logits max |diff| {diff_reload:.2e}")
-    print(f"merge_and_unload ({type(merged).__name__}): logits max |diff| {diff_merge:.2e}")
+    print(f"merge_and_unload ({type(merged).__name__}): logits max |diff| {diff_merge:.2e}"
+          + (" (requantized to the base's grid)" if args.qlora else ""))
     return dict(report=report, loss_before=before, loss_after=after, diff_reload=diff_reload, diff_merge=diff_merge,
                 generated=out[0].tolist())
 
@@ -207,6 +228,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a local causal LM folder (default: a tiny Llama from a config)")
     ap.add_argument("--sft", action="store_true", help="TRL's SFTTrainer instead of transformers' Trainer")
+    ap.add_argument("--qlora", choices=["nf4", "fp4", "int8"],
+                    help="load the base quantized by bitsandbytes (QLoRA; pip install -e '.[qlora]')")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)

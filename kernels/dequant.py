@@ -18,10 +18,10 @@ Math (bitsandbytes 0.50 layouts; the same bits as its CUDA and CPU kernels)::
       CB      : [N, K] int8, SCB : [N] fp32 (row-wise absmax)
       W[n, k] = round_T((CB[n, k] · SCB[n]) · 0.0078740157)        (``int8_vectorwise_dequant``)
 
-Grids: 4-bit ``cdiv(ceil(N·K/2), BLOCK_BYTES)`` programs, each decoding BLOCK_BYTES bytes into
-2·BLOCK_BYTES consecutive outputs (a 16-entry code gather from L1, the block's absmax loaded once
-per quant block: the tile is ``[BLOCK_BYTES // HALF, HALF]`` with HALF bytes per quant block);
-int8 ``cdiv(N, BLOCK_N)·cdiv(K, BLOCK_K)`` tiles. Both are bandwidth-bound: 0.5 (1) byte read and
+Grids: 4-bit ``cdiv(ceil(N·K/8), BLOCK_WORDS)`` programs, each reading BLOCK_WORDS 32-bit words
+(8 codes each) and writing a ``[BLOCK_WORDS, 8]`` tile of consecutive outputs (the 16-entry code
+table and the absmax of each word's quant block are gathered from L1); int8
+``cdiv(N, BLOCK_N)·cdiv(K, BLOCK_K)`` tiles. Both are bandwidth-bound: 0.5 (1) byte read and
 ``T.itemsize`` bytes written per element.
 
 fastlora.quant feeds the dequantized W, a transient ``[N, K]`` buffer in the compute dtype, to the
@@ -54,32 +54,29 @@ def _round_to_out(v, out_ptr, BF16_BY_BITS: tl.constexpr):
 
 @triton.jit
 def _dequant_4bit_kernel(q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr,
-                         n_bytes, n_out,
-                         BLOCKSIZE: tl.constexpr, HALF: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                         NESTED: tl.constexpr, BLOCK_BYTES: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    # tile [ROWS, HALF]: each row is HALF consecutive bytes of one quant block (HALF = BLOCKSIZE / 2,
-    # capped at BLOCK_BYTES; a quant block may span several rows, never the reverse)
-    ROWS: tl.constexpr = BLOCK_BYTES // HALF
-    base = tl.program_id(0).to(tl.int64) * BLOCK_BYTES
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, HALF)
-    offs = rows[:, None] * HALF + cols[None, :]
-    b_ptrs = q_ptr + base + offs
-    in_range = (base + offs) < n_bytes
-    q = tl.load(b_ptrs, mask=in_range, other=0).to(tl.int32)
-    # the quant block of each row: one absmax per row
-    blk = (2 * (base + rows * HALF)) // BLOCKSIZE
-    row_ok = (base + rows * HALF) < n_bytes
+                         n_words, n_out,
+                         BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                         BLOCK_WORDS: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    # q read as 32-bit words: word w holds elements 8w..8w+7, byte b of it (little-endian) the
+    # elements 8w+2b (high nibble) and 8w+2b+1 (low nibble). The tile is [BLOCK_WORDS, 8]: each
+    # row is 8 consecutive outputs (a 16-byte store in 16-bit dtypes) from one word and one
+    # quant block (BLOCKSIZE >= 32).
+    base = tl.program_id(0).to(tl.int64) * BLOCK_WORDS
+    w = base + tl.arange(0, BLOCK_WORDS)
+    w_ok = w < n_words
+    words = tl.load(q_ptr + w, mask=w_ok, other=0)
+    j = tl.arange(0, 8)
+    shift = 8 * (j // 2) + 4 * (1 - j % 2)
+    nib = (words[:, None] >> shift[None, :]) & 15  # 4 bits: the sign of an arithmetic shift is masked off
+    blk = (w * 8) // BLOCKSIZE
     if NESTED:
-        qa = tl.load(qabsmax_ptr + blk, mask=row_ok, other=0).to(tl.int32)
-        a = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=row_ok, other=0.0)
+        qa = tl.load(qabsmax_ptr + blk, mask=w_ok, other=0).to(tl.int32)
+        a = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=w_ok, other=0.0)
         a = a + tl.load(offset_ptr)
     else:
-        a = tl.load(absmax_ptr + blk, mask=row_ok, other=0.0)
-    hi = tl.load(code_ptr + (q >> 4)) * a[:, None]
-    lo = tl.load(code_ptr + (q & 15)) * a[:, None]
-    vals = tl.reshape(tl.join(hi, lo), (ROWS, 2 * HALF))  # element 2i (high nibble), then 2i+1
-    e = 2 * base + rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+        a = tl.load(absmax_ptr + blk, mask=w_ok, other=0.0)
+    vals = tl.load(code_ptr + nib) * a[:, None]
+    e = w[:, None] * 8 + j[None, :]
     tl.store(out_ptr + e, _round_to_out(vals, out_ptr, BF16_BY_BITS), mask=e < n_out)
 
 
@@ -111,22 +108,24 @@ def dequantize_4bit(q, code, absmax, shape, blocksize, dtype, qabsmax=None, absm
         q: uint8, ``ceil(N·K / 2)`` elements (any shape, contiguous). code: ``[16]`` fp32.
         absmax: fp32 per block, or (double quantization) None with ``qabsmax`` uint8,
             ``absmax2`` fp32, ``code2 [256]`` fp32 and ``offset`` a one-element fp32 tensor.
-        shape: ``(N, K)``. blocksize: elements per block (an even power of two);
+        shape: ``(N, K)``. blocksize: elements per block (a power of two >= 32);
             blocksize2: blocks per second-level block. dtype: fp16 / bf16 / fp32.
     Validation is the caller's (fastlora.quant)."""
     N, K = shape
     out = torch.empty((N, K), dtype=dtype, device=q.device)
-    n_bytes = q.numel()
+    q = q.reshape(-1)
+    if q.numel() % 4 or q.data_ptr() % 4:  # read as int32 words: pad a ragged end (N·K not a multiple of 8)
+        q = torch.cat([q, q.new_zeros(-q.numel() % 4)]) if q.numel() % 4 else q.clone()
+    words = q.view(torch.int32)
     nested = qabsmax is not None
-    block_bytes = 8192 if _interpreted() else 1024
-    half = min(blocksize // 2, block_bytes)
-    grid = (cdiv(n_bytes, block_bytes),)
+    block_words = 4096 if _interpreted() else 256
+    grid = (cdiv(words.numel(), block_words),)
     scales = qabsmax if nested else absmax
     LAUNCH_COUNTS["dequant_4bit"] += 1
     _dequant_4bit_kernel[grid](
-        q, code, absmax if not nested else absmax2, scales, absmax2 if nested else scales,
-        code2 if nested else code, offset if nested else code, out, n_bytes, N * K,
-        BLOCKSIZE=blocksize, HALF=half, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK_BYTES=block_bytes,
+        words, code, absmax if not nested else absmax2, scales, absmax2 if nested else scales,
+        code2 if nested else code, offset if nested else code, out, words.numel(), N * K,
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK_WORDS=block_words,
         BF16_BY_BITS=_interpreted(), num_warps=4, enable_fp_fusion=False)
     return out
 

@@ -109,3 +109,23 @@ def test_hf_trainer_example_with_trl_sft_trainer(tmp_path):
     assert out["loss_after"] < out["loss_before"]
     assert out["diff_reload"] <= 1e-5 and out["diff_merge"] <= 1e-4  # measured (6 steps): 0.0 and 1.8e-7
 
+
+
+def test_hf_trainer_example_qlora(tmp_path):
+    """``--qlora nf4``: the tiny Llama reloaded 4-bit by transformers + bitsandbytes (NF4, double
+    quantization), PEFT's QLoRA layers patched with no fallback, exact reload."""
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    from examples import hf_trainer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(deprecated|will be removed).*")
+        warnings.filterwarnings("ignore", message="Merge lora module to 4-bit linear")  # PEFT's, at merge_and_unload
+        out = hf_trainer.run(hf_trainer.parse_args(["--qlora", "nf4", "--steps", "4", "--examples", "16",
+                                                     "--max-length", "24", "--batch-size", "4", "--out", str(tmp_path),
+                                                     "--new-tokens", "4"]))
+    report = out["report"]
+    assert len(report.patched) == 14 and not report.skipped and not report.fallbacks
+    assert out["loss_after"] < out["loss_before"]
+    assert out["diff_reload"] <= 1e-5  # measured 0.0: the same dequantized W, the same LoRA math

@@ -12,7 +12,9 @@ counts what the machine code does. The gates, per compiled kernel:
 * kernels that stream operands through a loop: the loop copies asynchronously (``LDGSTS`` or
   ``UTMALDG``), and holds no synchronous global load, except the hybrid dA pass's
   read-modify-write of dx (which feeds no MMA): at most its dx and dS tiles' 16-byte vectors;
-* tensor-core instructions for 16-bit operands, ``wgmma`` for the sm_90 GEMMs.
+* tensor-core instructions for 16-bit operands, ``wgmma`` for the sm_90 GEMMs;
+* QLoRA's dequantization kernels: 16-byte stores, no scalar byte loads but the double-quantized
+  absmax codes.
 
 The compiler runs in a subprocess without TRITON_INTERPRET: kernels decorated for the
 interpreter (as this test session's are, on a machine without a GPU) cannot be compiled.
@@ -91,6 +93,28 @@ def test_every_shipped_config_passes_the_sass_gates(resources, kernel, arch):
                 assert int(r["wgmma"]) > 0, f"{where}: Hopper GEMM without wgmma"
 
 
+@pytest.mark.compile_only
+@pytest.mark.parametrize("arch", ARCHES, ids=lambda a: f"sm{a}")
+def test_dequant_kernels_pass_the_sass_gates(resources, arch):
+    """QLoRA's dequantization kernels (kernels/dequant.py) are bandwidth-bound: no spills, every
+    store a 16-byte vector (the tile's rows are 8 consecutive outputs), the packed codes read as
+    32-bit words (int8 weights as 16-byte vectors), byte loads only for the double-quantized
+    absmax codes (one per row of 8 outputs: at most 2 per thread)."""
+    from bench.kernel_resources import DEQUANT_KERNELS, KERNELS as VARIANTS
+    for kernel in DEQUANT_KERNELS:
+        rows = [r for r in resources if r["kernel"] == kernel and int(r["arch"]) == arch]
+        assert len(rows) >= 2 * len(VARIANTS[kernel][4]), f"{kernel} sm_{arch}: {len(rows)} compiled"
+        for r in rows:
+            where = f"{kernel} sm_{arch} {r['dtype']} {r['variant']}"
+            assert int(r["spill_stores"]) == 0 and int(r["spill_loads"]) == 0, where
+            assert int(r["scalar_stores"]) == 0 and int(r["vector_stores"]) > 0, \
+                f"{where}: {r['scalar_stores']} scalar / {r['vector_stores']} 16-byte stores"
+            allowed = 2 if r["variant"].startswith("nested") else 0
+            assert int(r["scalar_loads"]) <= allowed, f"{where}: {r['scalar_loads']} scalar 8/16-bit loads"
+            if kernel == "dequant_int8":
+                assert int(r["vector_loads"]) > 0, f"{where}: int8 weights not read as 16-byte vectors"
+
+
 def test_sass_parser_finds_loops_and_counts_loads():
     """The counters the gates rely on, on a hand-written SASS excerpt (cuobjdump's format)."""
     from bench.kernel_resources import sass_counts
@@ -102,9 +126,11 @@ def test_sass_parser_finds_loops_and_counts_loads():
         /*0040*/                   LDG.E.64 R10, desc[UR4][R12.64] ;
         /*0050*/              @!P1 BRA 0x20 ;
         /*0060*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0068*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*006c*/                   STG.E.U16 desc[UR4][R2.64], R5 ;
         /*0070*/                   EXIT ;
         /*0080*/                   BRA 0x80;
     """
     c = sass_counts(sass)
     assert c == dict(scalar_loads=1, loop_sync_loads=1, async_copies=1, loop_async_copies=1, tma_loads=0,
-                     wgmma=1, mma=1), c
+                     wgmma=1, mma=1, vector_loads=1, vector_stores=1, scalar_stores=1), c

@@ -34,12 +34,12 @@ def _quantize_4bit(N, K, dtype, quant_type, blocksize, nested, device="cpu", see
     return p, state
 
 
-def _int8_layer(N, K, bias=True, seed=0):
+def _int8_layer(N, K, bias=True, seed=0, device="cpu"):
     torch.manual_seed(seed)
     lin = torch.nn.Linear(K, N, bias=bias)
     layer = bnb.nn.Linear8bitLt(K, N, bias=bias, has_fp16_weights=False, threshold=0.0)
     layer.load_state_dict(lin.state_dict())
-    return layer.to("cpu")  # quantizes
+    return layer.to(device)  # quantizes
 
 
 def _linear4bit(N, K, quant_type="nf4", nested=True, compute_dtype=torch.float32, bias=True, seed=0):
@@ -58,14 +58,16 @@ def _linear4bit(N, K, quant_type="nf4", nested=True, compute_dtype=torch.float32
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize,nested", [(64, False), (64, True), (128, True), (256, False), (4096, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_dequant_4bit_bit_exact(device, quant_type, blocksize, nested, dtype):
-    # 96 x 202: N·K not a multiple of the larger blocksizes (a partial last block), K even (bnb's
-    # CPU kernel; for odd K it falls back to a torch op that decodes FP4's code 8 as +0.0, not -0.0)
-    p, state = _quantize_4bit(96, 202, dtype, quant_type, blocksize, nested, device)
+@pytest.mark.parametrize("N,K", [(96, 202), (33, 66)])
+def test_dequant_4bit_bit_exact(device, quant_type, blocksize, nested, dtype, N, K):
+    # N·K not a multiple of the larger blocksizes (a partial last block); 33 x 66: not a multiple of
+    # 8 either (the packed bytes end inside a 32-bit word). K even: bnb's CPU kernel (for odd K it
+    # falls back to a torch op that decodes FP4's code 8 as +0.0, its kernels as -0.0).
+    p, state = _quantize_4bit(N, K, dtype, quant_type, blocksize, nested, device)
     ref = bnbF.dequantize_4bit(p.data, state)
     with force_backend("triton" if device == "cuda" else "triton-interpreter"):
         out = quant.quantized_weight(p).dequantize(dtype)
-    assert out.dtype == dtype and out.shape == (96, 202)
+    assert out.dtype == dtype and out.shape == (N, K)
     assert torch.equal(_bits(out), _bits(ref)), f"{(out != ref).sum().item()} elements differ"
 
 
@@ -106,10 +108,10 @@ def test_torch_path_dequant_is_bitsandbytes():
 KINDS = [("nf4", True), ("fp4", False), ("int8", False)]
 
 
-def _qweight(kind, nested, N, K, dtype):
+def _qweight(kind, nested, N, K, dtype, device="cpu"):
     if kind == "int8":
-        return quant.quantized_weight(_int8_layer(N, K))
-    return quant.quantized_weight(_quantize_4bit(N, K, dtype, kind, 64, nested)[0])
+        return quant.quantized_weight(_int8_layer(N, K, device=device))
+    return quant.quantized_weight(_quantize_4bit(N, K, dtype, kind, 64, nested, device)[0])
 
 
 @pytest.mark.parametrize("backend,device", backends())
@@ -119,19 +121,19 @@ def _qweight(kind, nested, N, K, dtype):
 def test_forward_and_grads(backend, device, kind, nested, dtype, r, p):
     skip_unsupported(backend, dtype)
     M, N, K = 37, 48, 72
-    qw = _qweight(kind, nested, N, K, dtype)
+    qw = _qweight(kind, nested, N, K, dtype, device)
     W = bnbF.int8_vectorwise_dequant(qw.tensors["CB"], qw.tensors["SCB"]).to(dtype) if kind == "int8" else \
         bnbF.dequantize_4bit(qw.source.data, qw.source.quant_state).to(dtype)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(M, K, generator=g).to(dtype).requires_grad_()
-    A = (torch.randn(r, K, generator=g) / K ** 0.5).requires_grad_()
-    B = (torch.randn(N, r, generator=g) / r ** 0.5).requires_grad_()
-    b = torch.randn(N, generator=g).to(dtype).requires_grad_()
-    dy = torch.randn(M, N, generator=g).to(dtype)
+    x = torch.randn(M, K, generator=g).to(dtype).to(device).requires_grad_()
+    A = (torch.randn(r, K, generator=g) / K ** 0.5).to(device).requires_grad_()
+    B = (torch.randn(N, r, generator=g) / r ** 0.5).to(device).requires_grad_()
+    b = torch.randn(N, generator=g).to(dtype).to(device).requires_grad_()
+    dy = torch.randn(M, N, generator=g).to(dtype).to(device)
     seed, scaling = 1234, 0.7
     y = run(backend, fastlora.lora_linear, x, qw, A, B, scaling, b, dropout_p=p, seed=seed)
     y.backward(dy)
-    mask = fastlora.dropout_mask((M, K), p, seed) if p > 0 else None
+    mask = fastlora.dropout_mask((M, K), p, seed, device=device) if p > 0 else None
     # the oracle's LoRA input is x in the LoRA dtype (fp32 adapters: PEFT casts x to it)
     y64, dx64, _, dA64, dB64, db64 = oracle(x, W, A, B, b, scaling, mask, dy)
     L = 2 * K
@@ -145,14 +147,14 @@ def test_forward_and_grads(backend, device, kind, nested, dtype, r, p):
 @pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("need", ["x", "A", "B", "bias", "AB"])
 def test_each_requires_grad_combination(backend, device, need):
-    qw = _qweight("nf4", True, 40, 64, torch.float32)
+    qw = _qweight("nf4", True, 40, 64, torch.float32, device)
     W = bnbF.dequantize_4bit(qw.source.data, qw.source.quant_state)
     g = torch.Generator().manual_seed(2)
-    x, A, B, b = (torch.randn(9, 64, generator=g), torch.randn(5, 64, generator=g) / 8,
-                  torch.randn(40, 5, generator=g) / 2, torch.randn(40, generator=g))
+    x, A, B, b = (t.to(device) for t in (torch.randn(9, 64, generator=g), torch.randn(5, 64, generator=g) / 8,
+                                         torch.randn(40, 5, generator=g) / 2, torch.randn(40, generator=g)))
     for name, t in (("x", x), ("A", A), ("B", B), ("bias", b)):
         t.requires_grad_(name in need or (name in "AB" and name in need))
-    dy = torch.randn(9, 40, generator=g)
+    dy = torch.randn(9, 40, generator=g).to(device)
     run(backend, fastlora.lora_linear, x, qw, A, B, 2.0, b).backward(dy)
     y64, dx64, _, dA64, dB64, db64 = oracle(x, W, A, B, b, 2.0, None, dy)
     for name, t, ref in (("x", x, dx64), ("A", A, dA64), ("B", B, dB64), ("bias", b, db64)):
@@ -166,15 +168,16 @@ def test_each_requires_grad_combination(backend, device, need):
 def test_nothing_of_size_NK_saved(backend, device):
     """Between forward and backward only LoRA's tensors are kept: no dequantized W."""
     N, K = 96, 128
-    qw = _qweight("nf4", True, N, K, torch.float32)
+    qw = _qweight("nf4", True, N, K, torch.float32, device)
     saved = []
 
     def pack(t):
         saved.append((tuple(t.shape), t.dtype))
         return t
 
-    x = torch.randn(8, K, requires_grad=True)
-    A, B = torch.randn(4, K, requires_grad=True), torch.randn(N, 4, requires_grad=True)
+    x = torch.randn(8, K, device=device, requires_grad=True)
+    A = torch.randn(4, K, device=device, requires_grad=True)
+    B = torch.randn(N, 4, device=device, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = run(backend, fastlora.lora_linear, x, qw, A, B, 1.0, None, dropout_p=0.1)
     assert saved and not [s for s in saved if s[0] == (N, K)], saved
