@@ -18,6 +18,20 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+def _check_call(input, scaling, dropout_p, training, seed):
+    """Validate the non-tensor arguments of a call; returns the dropout probability in effect."""
+    check_scaling(scaling, input.device)
+    p = check_dropout_p(dropout_p)
+    if seed is not None and not isinstance(seed, torch.Tensor):
+        check_seed(seed)
+    return p if training else 0.0
+
+
+def _autocast_cast(t, dtype):
+    """``t`` in the autocast dtype if autocast would cast it (None stays None)."""
+    return t.to(dtype) if t is not None and t.dtype in AUTOCAST_ELIGIBLE else t
+
+
 def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropout_p=0.0, training=True,
                 seed=None):
     """Fused LoRA linear: ``input·weightᵀ + bias + scaling·(dropout(input)·lora_Aᵀ)·lora_Bᵀ``.
@@ -75,22 +89,13 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
             return _quantized(input, quant.quantized_weight(weight), lora_A, lora_B, scaling, bias, dropout_p,
                               training, seed, autocast, device_type)
     shapes = check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=not autocast)
-    check_scaling(scaling, input.device)
-    p = check_dropout_p(dropout_p)
-    if not training:
-        p = 0.0
-    if seed is not None and not isinstance(seed, torch.Tensor):
-        check_seed(seed)
+    p = _check_call(input, scaling, dropout_p, training, seed)
     if not autocast:
         if not _needs_grad(input, weight, lora_A, lora_B, bias, scaling):
             return forward_no_grad(input, weight, lora_A, lora_B, scaling, bias, p, seed, None, shapes)
         return apply(input, weight, lora_A, lora_B, scaling, bias, p, seed, None, shapes)
     dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t):
-        return t.to(dtype) if t is not None and t.dtype in AUTOCAST_ELIGIBLE else t
-
-    input, weight, bias = cast(input), cast(weight), cast(bias)
+    input, weight, bias = (_autocast_cast(t, dtype) for t in (input, weight, bias))
     with torch.autocast(device_type, enabled=False):
         if not _needs_grad(input, weight, lora_A, lora_B, bias, scaling):
             return forward_no_grad(input, weight, lora_A, lora_B, scaling, bias, p, seed, dtype)
@@ -102,18 +107,11 @@ def _quantized(input, qw, lora_A, lora_B, scaling, bias, dropout_p, training, se
     autocast and dropout rules, W dequantized to the compute dtype."""
     from .quant import check_quantized_call, qlora_linear
     shapes = check_quantized_call(input, qw, lora_A, lora_B, bias, same_dtype=not autocast)
-    check_scaling(scaling, input.device)
-    p = check_dropout_p(dropout_p)
-    if not training:
-        p = 0.0
-    if seed is not None and not isinstance(seed, torch.Tensor):
-        check_seed(seed)
+    p = _check_call(input, scaling, dropout_p, training, seed)
     lora_dtype = None
     if autocast:
-        dtype = torch.get_autocast_dtype(device_type)
-        input = input.to(dtype) if input.dtype in AUTOCAST_ELIGIBLE else input
-        bias = bias.to(dtype) if bias is not None and bias.dtype in AUTOCAST_ELIGIBLE else bias
-        lora_dtype, shapes = dtype, None
+        lora_dtype, shapes = torch.get_autocast_dtype(device_type), None
+        input, bias = _autocast_cast(input, lora_dtype), _autocast_cast(bias, lora_dtype)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         return qlora_linear(input, qw, lora_A, lora_B, scaling, bias, p, seed, lora_dtype, shapes,
                             _needs_grad(input, lora_A, lora_B, bias, scaling))
