@@ -33,7 +33,7 @@ def _autocast_cast(t, dtype):
 
 
 def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropout_p=0.0, training=True,
-                seed=None):
+                seed=None, magnitude=None):
     """Fused LoRA linear: ``input·weightᵀ + bias + scaling·(dropout(input)·lora_Aᵀ)·lora_Bᵀ``.
 
     The math and order are PEFT's LoRA ``Linear.forward`` (``peft/tuners/lora/layer.py``): the
@@ -68,6 +68,13 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
             ``torch.manual_seed`` reproduces a run and activation-checkpoint recomputation sees the
             same mask); an int in [-2⁶³, 2⁶⁴) (or a one-element int64 tensor on input's device)
             fixes the mask, which is ``fastlora.dropout_mask(input.shape, dropout_p, seed)``.
+        magnitude: None (LoRA), or DoRA's magnitude vector ``[N]`` (PEFT's
+            ``lora_magnitude_vector``; any float dtype, on input's device): then the call is DoRA
+            (Liu et al., ICML 2024; PEFT ``use_dora=True``, fastlora/dora.py):
+            ``y = g ⊙ (input·weightᵀ + scaling·(dropout(input)·lora_Aᵀ)·lora_Bᵀ) + bias`` with
+            ``g = magnitude / ‖weight + scaling·lora_B·lora_A‖₂`` per output row, the norm detached
+            (no gradient flows through it, the paper's §4.3 and PEFT), computed in fp32 (fp64 for
+            fp64). Gradients also for magnitude (in its dtype). Plain (not quantized) weights.
 
     Returns:
         ``[..., N]`` tensor in input's dtype (the autocast dtype under ``torch.autocast``).
@@ -83,6 +90,9 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
     """
     device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
     autocast = autocast_enabled(device_type)
+    if magnitude is not None:
+        return _dora(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, seed, autocast,
+                     device_type)
     if type(weight) not in _PLAIN:
         from . import quant
         if quant.is_quantized(weight):
@@ -115,3 +125,24 @@ def _quantized(input, qw, lora_A, lora_B, scaling, bias, dropout_p, training, se
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         return qlora_linear(input, qw, lora_A, lora_B, scaling, bias, p, seed, lora_dtype, shapes,
                             _needs_grad(input, lora_A, lora_B, bias, scaling))
+
+
+def _dora(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, seed, autocast, device_type):
+    """:func:`lora_linear` with a ``magnitude``: DoRA (fastlora/dora.py), the same validation,
+    autocast and dropout rules."""
+    from . import dora
+    if type(weight) not in _PLAIN:
+        from . import quant
+        if quant.is_quantized(weight):
+            raise TypeError("weight: DoRA (magnitude given) needs a plain floating weight, got a quantized "
+                            f"{type(weight).__name__}; dequantize it first (QuantizedWeight.dequantize())")
+    dora.check_dora_call(input, weight, lora_A, lora_B, magnitude, bias, same_dtype=not autocast)
+    p = _check_call(input, scaling, dropout_p, training, seed)
+    lora_dtype = None
+    if autocast:
+        lora_dtype = torch.get_autocast_dtype(device_type)
+        input, weight, bias = (_autocast_cast(t, lora_dtype) for t in (input, weight, bias))
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if not _needs_grad(input, weight, lora_A, lora_B, magnitude, bias, scaling):
+            return dora.forward_no_grad(input, weight, lora_A, lora_B, magnitude, scaling, bias, p, seed, lora_dtype)
+        return dora.apply(input, weight, lora_A, lora_B, magnitude, scaling, bias, p, seed, lora_dtype)

@@ -37,6 +37,17 @@ def lora_linear_ref(x, weight, lora_A, lora_B, scaling, bias=None, mask=None):
     return y + scaling * ((xd @ lora_A.t()) @ lora_B.t())
 
 
+def dora_linear_ref(x, weight, lora_A, lora_B, magnitude, scaling, bias=None, mask=None):
+    """Differentiable DoRA reference (PEFT ``DoraLinearLayer`` without dropout on the base term;
+    fastlora/dora.py): ``g ⊙ (x·Wᵀ + s·((m ⊙ x)·Aᵀ)·Bᵀ) + b`` with ``g = magnitude / ‖W + s·B·A‖₂``
+    per row, the norm detached. Same shapes as :func:`lora_linear_ref` plus magnitude ``[N]``; all
+    tensors in one dtype."""
+    norm = torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
+    z = lora_linear_ref(x, weight, lora_A, lora_B, scaling, None, mask)
+    y = z * (magnitude / norm)
+    return y if bias is None else y + bias
+
+
 def _in(t, dtype, acc):
     """Round ``t`` to ``dtype``, then widen it to the accumulation dtype."""
     return _as(_as(t, dtype), acc)

@@ -164,10 +164,23 @@ def load_rank_block(s_ptr, b_ptr, R, rm, rn, mask_m, mask_n, stride_sm, stride_s
     return s, b
 
 
+@triton.jit
+def dora_epilogue(acc, g_ptr, z_ptrs, cols, mask_m, mask_n, COL_SCALE: tl.constexpr, STORE_Z: tl.constexpr):
+    """DoRA's part of an output tile's epilogue (kernels/dora.py): store ``z = acc`` (rounded to
+    z's dtype, for the magnitude's gradient) if STORE_Z, return ``g ⊙ acc`` (g ``[N]`` fp32/fp64,
+    one factor per output column) if COL_SCALE, else acc unchanged."""
+    if STORE_Z:
+        tl.store(z_ptrs, acc.to(z_ptrs.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if COL_SCALE:
+        g = tl.load(g_ptr + cols, mask=mask_n, other=0.0)
+        acc = acc * g.to(acc.dtype)[None, :]
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "M_KEY"])
 def _lora_linear_fwd_kernel(
     # pointers
-    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, scale_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, scale_ptr, g_ptr, z_ptr,
     # sizes
     M, N, K, R,
     # strides
@@ -178,6 +191,7 @@ def _lora_linear_fwd_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EPI_DTYPE: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    COL_SCALE: tl.constexpr, STORE_Z: tl.constexpr,  # DoRA (kernels/dora.py): y = g ⊙ z + b, z kept
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -223,30 +237,33 @@ def _lora_linear_fwd_kernel(
     acc = rank_update(acc, s_ptr, b_ptr, scaling, R, rm, rn, mask_m, mask_n, stride_sm, stride_sr,
                       stride_bn, stride_br, EPI_DTYPE, EPI_PRECISION, BLOCK_R, s_first, b_first)
 
-    # -- epilogue: bias, cast, masked store ---------------------------------------------------
+    # -- epilogue: (DoRA: z kept, column scale g), bias, cast, masked store -------------------
+    y_off = tl.cast(m_start, tl.int64) * stride_ym + tl.cast(n_start, tl.int64) * stride_yn
+    y_off += rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    acc = dora_epilogue(acc, g_ptr, z_ptr + y_off, n_start + rn, mask_m, mask_n, COL_SCALE, STORE_Z)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + (n_start + rn) * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(acc_dtype)[None, :]
-    y_ptrs = y_ptr + tl.cast(m_start, tl.int64) * stride_ym + tl.cast(n_start, tl.int64) * stride_yn
-    y_ptrs += rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "M_KEY"])
 def _lora_expand_kernel(
     # pointers
-    y_ptr, s_ptr, b_ptr, scale_ptr,
+    y_ptr, s_ptr, b_ptr, scale_ptr, bias_ptr, g_ptr, z_ptr,
     # sizes
     M, N, R,
     # strides
-    stride_ym, stride_yn, stride_sm, stride_sr, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_sm, stride_sr, stride_bn, stride_br, stride_bias,
     # scalars
     M_KEY,  # bucketed M: tuning key only
     # meta-parameters
     EPI_DTYPE: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COL_SCALE: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """H1 (hybrid path): ``y += (s·S)·Bᵀ`` in place, y already holding cuBLAS's ``x·Wᵀ + b``."""
+    """H1 (hybrid path): ``y += (s·S)·Bᵀ`` in place, y already holding cuBLAS's ``x·Wᵀ + b``;
+    DoRA: y holds ``x·Wᵀ`` and becomes ``g ⊙ (y + (s·S)·Bᵀ) + b`` (z, the sum, stored too)."""
     acc_dtype = s_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_start = pid_m * BLOCK_M
@@ -257,8 +274,9 @@ def _lora_expand_kernel(
     mask_n = rn < N - n_start
     s_ptr += tl.cast(m_start, tl.int64) * stride_sm
     b_ptr += tl.cast(n_start, tl.int64) * stride_bn
-    y_ptrs = y_ptr + tl.cast(m_start, tl.int64) * stride_ym + tl.cast(n_start, tl.int64) * stride_yn
-    y_ptrs += rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    y_off = tl.cast(m_start, tl.int64) * stride_ym + tl.cast(n_start, tl.int64) * stride_yn
+    y_off += rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    y_ptrs = y_ptr + y_off
     mask = mask_m[:, None] & mask_n[None, :]
     s_first, b_first = load_rank_block(s_ptr, b_ptr, R, rm, rn, mask_m, mask_n, stride_sm, stride_sr,
                                        stride_bn, stride_br, BLOCK_R)
@@ -266,6 +284,10 @@ def _lora_expand_kernel(
     scaling = tl.load(scale_ptr).to(acc_dtype)
     acc = rank_update(y.to(acc_dtype), s_ptr, b_ptr, scaling, R, rm, rn, mask_m, mask_n, stride_sm, stride_sr,
                       stride_bn, stride_br, EPI_DTYPE, EPI_PRECISION, BLOCK_R, s_first, b_first)
+    acc = dora_epilogue(acc, g_ptr, z_ptr + y_off, n_start + rn, mask_m, mask_n, COL_SCALE, STORE_Z)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + (n_start + rn) * stride_bias, mask=mask_n, other=0.0)
+        acc += bias.to(acc_dtype)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -323,6 +345,15 @@ def lora_linear_fwd(x, weight, lora_A, lora_B, scale, bias=None, seed=None, keep
     Returns:
         ``(y [M, N] in T, S [M, r] in fp32, fp64 for fp64)``.
     """
+    y, S, _ = forward(x, weight, lora_A, lora_B, scale, bias, seed, keep_thresh, keep_scale, lora_dtype, path)
+    return y, S
+
+
+def forward(x, weight, lora_A, lora_B, scale, bias=None, seed=None, keep_thresh=0, keep_scale=1.0, lora_dtype=None,
+            path="fused", g=None, store_z=False):
+    """:func:`lora_linear_fwd`, with DoRA's epilogue when ``g`` (``[N]`` in the accumulator
+    dtype, contiguous) is given: ``y = g ⊙ z + b`` with ``z = x·Wᵀ + (s·S)·Bᵀ``, and z ``[M, N]``
+    in T stored too if ``store_z``. Returns ``(y, S, z or None)``."""
     lora_dtype = lora_dtype or x.dtype
     x, weight, lora_A, lora_B = (tile_addressable(t, n) for t, n in
                                  ((x, "input"), (weight, "weight"), (lora_A, "lora_A"), (lora_B, "lora_B")))
@@ -331,17 +362,24 @@ def lora_linear_fwd(x, weight, lora_A, lora_B, scale, bias=None, seed=None, keep
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     device, itemsize = x.device, x.element_size()
-    common = dict(s_ptr=S, b_ptr=lora_B, scale_ptr=scale, M=M, N=N, R=R,
+    z = torch.empty((M, N), device=device, dtype=x.dtype) if store_z else None
+    common = dict(s_ptr=S, b_ptr=lora_B, scale_ptr=scale, g_ptr=g if g is not None else S, M=M, N=N, R=R,
                   stride_sm=S.stride(0), stride_sr=S.stride(1), stride_bn=lora_B.stride(0),
                   stride_br=lora_B.stride(1), M_KEY=configs.m_key(M), BLOCK_R=configs.GEMM_BLOCK_R,
-                  **epilogue_lora_args(x.dtype, lora_dtype))
+                  COL_SCALE=g is not None, STORE_Z=store_z, **epilogue_lora_args(x.dtype, lora_dtype))
     grid = lambda a: (cdiv(M, a["BLOCK_M"]) * cdiv(N, a["BLOCK_N"]),)  # noqa: E731
     if path == "hybrid":
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        # LoRA: cuBLAS adds the bias (PEFT's base output); DoRA: the kernel adds it after the scale
+        in_gemm = bias is not None and g is None
+        y = torch.addmm(bias, x, weight.t()) if in_gemm else torch.mm(x, weight.t())
+        late_bias = bias is not None and not in_gemm
         launch("expand", _lora_expand_kernel, grid, device, itemsize,
-               dict(**common, stride_ym=y.stride(0), stride_yn=y.stride(1)),
-               lambda meta, trial: dict(y_ptr=y.clone() if trial else y), fixed=deterministic)
-        return y, S
+               dict(**common, bias_ptr=bias if late_bias else S, stride_bias=bias.stride(0) if late_bias else 0,
+                    HAS_BIAS=late_bias, stride_ym=y.stride(0), stride_yn=y.stride(1)),
+               lambda meta, trial: dict(y_ptr=y.clone() if trial else y,
+                                        z_ptr=(torch.empty_like(y) if trial else z) if store_z else y),
+               fixed=deterministic)
+        return y, S, z
     y = torch.empty((M, N), device=device, dtype=x.dtype)
     launch("fwd", _lora_linear_fwd_kernel, grid, device, itemsize,
            dict(**common, x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, K=K,
@@ -350,5 +388,7 @@ def lora_linear_fwd(x, weight, lora_A, lora_B, scale, bias=None, seed=None, keep
                 stride_ym=y.stride(0), stride_yn=y.stride(1),
                 stride_bias=bias.stride(0) if bias is not None else 0,
                 HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype)),
-           lambda meta, trial: dict(y_ptr=torch.empty_like(y) if trial else y), fixed=deterministic)
-    return y, S
+           lambda meta, trial: dict(y_ptr=torch.empty_like(y) if trial else y,
+                                    z_ptr=(torch.empty_like(y) if trial else z) if store_z else y),
+           fixed=deterministic)
+    return y, S, z

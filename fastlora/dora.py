@@ -1,0 +1,286 @@
+"""DoRA (weight-decomposed LoRA; Liu et al., ICML 2024; PEFT ``use_dora=True``) on fastlora's kernels.
+
+Math (PEFT ``peft/tuners/lora/dora.py``; kernels/dora.py has the full derivation)::
+
+    n = ‖W + s·B·A‖₂ per output row (detached)    g = m / n    z = x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ
+    y = g ⊙ z + b
+    dz = dy ⊙ g → LoRA's backward (dx, dA, dB)     dm = Σ_M dy ⊙ z / n    db = Σ_M dy
+
+Two ``torch.library`` operators (opaque to ``torch.compile``, fake implementations for tracing):
+``fastlora::dora_linear_fwd`` (the row norm, then LoRA's forward with DoRA's epilogue: g and the
+bias applied to the GEMM's accumulator, z stored only when the magnitude needs a gradient) and
+``fastlora::dora_dy`` (dz and dm's column sums from one read of dy and z); the backward then runs
+LoRA's ``fastlora::lora_linear_bwd`` on dz. Both dispatch like LoRA's: the torch path (CPU, old
+GPUs) or the Triton kernels, there the fused or the hybrid path (fastlora/dispatch.py measures
+which, keyed with "dora").
+
+Saved for backward: what LoRA saves (x, S fp32, the seed) plus z ``[M, N]`` in the compute dtype
+(only if the magnitude requires grad) and n ``[N]``: PEFT keeps several M×N tensors (the base and
+LoRA outputs, their scaled copies) and two N×K ones (B·A and W + s·B·A).
+
+Differences from PEFT, by design: n is computed in fp32 (fp64 for fp64) from W, A and B without
+rounding ``W + s·B·A`` to the model dtype first (PEFT rounds it to x's dtype: bf16 models see a
+~2⁻⁹ relative error in g); with dropout active in training, the mask touches the LoRA branch only
+(``y = g ⊙ (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ) + b``, the paper's form), where PEFT also feeds x̃ to the
+magnitude's share of the base term, ``(g - 1) ⊙ (x̃·Wᵀ)``, through a second base GEMM: the two have
+the same expectation, and are identical without dropout or in eval mode.
+"""
+import functools
+from typing import Optional
+
+import torch
+
+from . import dispatch, ops, reference
+from ._checks import check_inputs, _tensor
+from .backend import kernels, select_backend
+from .function import _Call, _forward_mode_ad, _no_jvp, _seed_tensor
+
+Tensor = torch.Tensor
+
+
+def check_magnitude(magnitude, N, device):
+    """``magnitude``: a floating ``[N]`` tensor on ``device`` (PEFT's ``lora_magnitude_vector``)."""
+    _tensor("magnitude", magnitude, 1)
+    if tuple(magnitude.shape) != (N,):
+        raise ValueError(f"magnitude: expected shape [N] = [{N}] (N from weight), got {tuple(magnitude.shape)}")
+    if magnitude.device != device:
+        raise ValueError(f"magnitude: expected a tensor on input's device {device}, got {magnitude.device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The row norm ‖W + s·B·A‖ (no N×K temporary on the Triton path; row chunks on the torch path)
+# ----------------------------------------------------------------------------------------------
+_CHUNK = 1 << 22  # torch path: elements of W + s·B·A formed at a time
+
+
+def _norm_torch(weight, lora_A, lora_B, scaling, acc):
+    N, K = weight.shape
+    A, sB = lora_A.to(acc), lora_B.to(acc) * scaling
+    rows = max(1, _CHUNK // max(K, 1))
+    out = [torch.linalg.vector_norm(torch.addmm(weight[n0:n0 + rows].to(acc), sB[n0:n0 + rows], A), dim=1)
+           for n0 in range(0, N, rows)]
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def weight_norm(weight, lora_A, lora_B, scaling, scale=None, acc=torch.float32, backend=""):
+    """``‖W + s·B·A‖₂`` per row ``[N]`` in ``acc`` (fp32, or fp64): on the Triton path in one pass
+    over W (kernels/dora.py D1), on the torch path in row chunks of about 4M elements.
+    ``scaling``/``scale``: a float, or (scale) a one-element tensor."""
+    device = weight.device
+    with ops._no_autocast(device.type), torch.no_grad():
+        if (backend or select_backend(device, weight.dtype, lora_A.dtype)[0]) == "torch":
+            return _norm_torch(weight, lora_A, lora_B, ops._scaling_value(scaling, scale), acc)
+        return kernels().dora.dora_norm(weight, lora_A, lora_B, ops.scale_tensor(scaling, scale, device, acc))
+
+
+# ----------------------------------------------------------------------------------------------
+# Operators
+# ----------------------------------------------------------------------------------------------
+def _torch_forward(x, weight, lora_A, lora_B, g, scaling, scale, bias, seed, keep_thresh, keep_scale, lora_dtype,
+                   store_z):
+    keep = None if seed is None else ops.TorchMask(seed, *x.shape, keep_thresh, x.device, lora_dtype)
+    z, S = reference.lora_forward(x, weight, lora_A, lora_B, ops._scaling_value(scaling, scale), None, keep,
+                                  keep_scale, lora_dtype)
+    acc = g.dtype
+    if not store_z and z.dtype == acc:
+        y = z.mul_(g) if bias is None else z.mul_(g).add_(bias)
+    else:
+        zz = z.to(acc)
+        y = (zz * g if bias is None else torch.addcmul(bias.to(acc), zz, g)).to(x.dtype)
+    mask = keep.packed if keep is not None and keep.packed is not None else ops._NO_MASK
+    return y, (z if store_z else x.new_empty(0)), S, mask
+
+
+def forward_impl(x, weight, lora_A, lora_B, magnitude, scaling, scale, bias, seed, keep_thresh, keep_scale,
+                 lora_dtype, backend, path, store_z):
+    """The body of ``fastlora::dora_linear_fwd``."""
+    acc = reference.acc_dtype_of(x.dtype, lora_dtype)
+    if x.device.type == "meta":
+        return _fwd_fake(x, weight, lora_A, lora_B, magnitude, scaling, scale, bias, seed, keep_thresh, keep_scale,
+                         lora_dtype, backend, path, store_z)
+    backend = backend or select_backend(x.device, x.dtype, lora_dtype)[0]
+    norm = weight_norm(weight, lora_A, lora_B, scaling, scale, acc, backend)
+    with ops._no_autocast(x.device.type):
+        g = magnitude.detach().to(acc) / norm
+        if backend == "torch":
+            return (*_torch_forward(x, weight, lora_A, lora_B, g, scaling, scale, bias, seed, keep_thresh,
+                                    keep_scale, lora_dtype, store_z), norm)
+    s = ops.scale_tensor(scaling, scale, x.device, acc)
+
+    def run(p):
+        with ops._no_autocast(x.device.type):
+            y, S, z = kernels().lora_forward.forward(x, weight, lora_A, lora_B, s, bias, seed, keep_thresh,
+                                                     keep_scale, lora_dtype, p, g=g, store_z=store_z)
+        return y, (z if z is not None else x.new_empty(0)), S
+
+    path = ops._path("fwd", x, weight, lora_A, lora_dtype, bias is not None, seed, path,
+                     {p: functools.partial(run, p) for p in dispatch.PATHS}, ("dora", "z" * store_z))
+    return (*run(path), ops._NO_MASK, norm)
+
+
+@torch.library.custom_op("fastlora::dora_linear_fwd", mutates_args=())
+def dora_linear_fwd(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float,
+                    scale: Optional[Tensor], bias: Optional[Tensor], seed: Optional[Tensor], keep_thresh: int,
+                    keep_scale: float, lora_dtype: torch.dtype, backend: str, path: str,
+                    store_z: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y [M, N] in x.dtype, z [M, N] in x.dtype (empty unless store_z), S [M, r] fp32/fp64,
+    mask (as fastlora::lora_linear_fwd's), n [N] fp32/fp64)``."""
+    return forward_impl(x, weight, lora_A, lora_B, magnitude, scaling, scale, bias, seed, keep_thresh, keep_scale,
+                        lora_dtype, backend, path, store_z)
+
+
+@dora_linear_fwd.register_fake
+def _fwd_fake(x, weight, lora_A, lora_B, magnitude, scaling, scale, bias, seed, keep_thresh, keep_scale, lora_dtype,
+              backend, path, store_z):
+    M, K = x.shape
+    N = weight.shape[0]
+    acc = reference.acc_dtype_of(x.dtype, lora_dtype)
+    mask = (M, -(-K // 8)) if ops._keeps_packed(x, seed, lora_dtype, backend) else (0,)
+    return (x.new_empty((M, N)), x.new_empty((M, N) if store_z else (0,)),
+            x.new_empty((M, lora_A.shape[0]), dtype=acc), x.new_empty(mask, dtype=torch.uint8),
+            x.new_empty((N,), dtype=acc))
+
+
+def dy_impl(dy, z, g, backend, scale_dy, colsum):
+    """The body of ``fastlora::dora_dy``."""
+    if (backend or select_backend(dy.device, dy.dtype)[0]) == "torch":
+        with ops._no_autocast(dy.device.type):
+            dz = (dy * g if dy.dtype == g.dtype else (dy.to(g.dtype) * g).to(dy.dtype)) if scale_dy else None
+            cs = torch.einsum("mn,mn->n", dy.to(g.dtype), z.to(g.dtype)) if colsum else None
+    else:
+        dz, cs = kernels().dora.dora_dy(dy, z, g, scale_dy, colsum)
+    return (dz if dz is not None else dy.new_empty(0), cs if cs is not None else g.new_empty(0))
+
+
+@torch.library.custom_op("fastlora::dora_dy", mutates_args=())
+def dora_dy(dy: Tensor, z: Tensor, g: Tensor, backend: str, scale_dy: bool, colsum: bool) -> tuple[Tensor, Tensor]:
+    """``(dz = dy ⊙ g [M, N] in dy's dtype, Σ_M dy ⊙ z [N] in g's dtype)``, each empty if not asked."""
+    return dy_impl(dy, z, g, backend, scale_dy, colsum)
+
+
+@dora_dy.register_fake
+def _(dy, z, g, backend, scale_dy, colsum):
+    return dy.new_empty(dy.shape if scale_dy else (0,)), g.new_empty(g.shape if colsum else (0,))
+
+
+def _op(name):
+    return globals()[name] if ops.need_operator() else globals()[{"dora_linear_fwd": "forward_impl",
+                                                                  "dora_dy": "dy_impl"}[name]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+def _core_forward(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype, store_z):
+    c = _Call(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype,
+              resolve=not torch.compiler.is_compiling())
+    seed_t = _seed_tensor(seed, input.device) if c.p > 0 else input.new_empty(0, dtype=torch.int64)
+    acc = reference.acc_dtype_of(input.dtype, c.lora_dtype)
+    if c.M == 0:
+        N = c.N
+        y = input.new_empty((*input.shape[:-1], N))
+        return (y, input.new_empty((0, N) if store_z else (0,)), input.new_empty((0, c.r), dtype=acc),
+                seed_t, input.new_empty(0, dtype=torch.uint8),
+                weight_norm(weight, lora_A, lora_B, c.scaling, c.scale, acc, c.backend))
+    x = input if input.dim() == 2 else input.reshape(c.M, c.K)
+    y, z, S, mask, norm = _op("dora_linear_fwd")(
+        x, weight, lora_A, lora_B, magnitude, c.scaling, c.scale, bias, seed_t if c.p > 0 else None,
+        c.keep_thresh, c.keep_scale, c.lora_dtype, c.backend, "", store_z)
+    if input.dim() != 2:
+        y = torch.ops.aten._unsafe_view(y, (*input.shape[:-1], c.N))
+    return y, z, S, seed_t, mask, norm
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, _, lora_dtype, _ = inputs
+    c = _Call(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype, shapes=(0, 0, 0, 0))
+    _, z, S, seed_t, mask, norm = output
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.has_seed, ctx.has_scale = seed_t.numel() > 0, c.scale is not None
+    ctx.save_for_backward(input, weight, lora_A, lora_B, magnitude, z, S, mask, norm,
+                          *(t for t in (seed_t if ctx.has_seed else None, c.scale) if t is not None))
+    ctx.scaling, ctx.keep, ctx.backend, ctx.lora_dtype = c.scaling, (c.keep_thresh, c.keep_scale), c.backend, \
+        c.lora_dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, *_):
+    if dy is None:
+        return (None,) * 11
+    input, weight, lora_A, lora_B, magnitude, z, S, mask, norm, *rest = ctx.saved_tensors
+    seed_t = rest.pop(0) if ctx.has_seed else None
+    scale = rest.pop(0) if ctx.has_scale else None
+    need_dx, need_dW, need_dA, need_dB, need_dm, _, need_db = ctx.needs_input_grad[:7]
+    N, K = weight.shape
+    x = input if input.dim() == 2 else input.reshape(-1, K)
+    M = x.shape[0]
+    dy = dy.reshape(M, N)
+    if dy.dtype != input.dtype:
+        dy = dy.to(input.dtype)
+    dx = dW = dA = dB = dm = db = None
+    need_dz = need_dx or need_dW or need_dA or need_dB
+    if M == 0:
+        dx = torch.zeros_like(x) if need_dx else None
+        dA = torch.zeros_like(lora_A) if need_dA else None
+        dB = torch.zeros_like(lora_B) if need_dB else None
+        dm = torch.zeros_like(magnitude) if need_dm else None
+        dW = torch.zeros_like(weight) if need_dW else None
+    else:
+        g = magnitude.detach().to(norm.dtype) / norm
+        dz, colsum = _op("dora_dy")(dy, z, g, ctx.backend, bool(need_dz), bool(need_dm))
+        if need_dm:
+            dm = (colsum / norm).to(magnitude.dtype)
+        if need_dx or need_dA or need_dB:
+            dx, dA, dB = ops.backward(dz, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t, *ctx.keep,
+                                      need_dx, need_dA, need_dB, ctx.lora_dtype, ctx.backend, "")
+            dA = dA.to(lora_A.dtype) if dA is not None else None
+            dB = dB.to(lora_B.dtype) if dB is not None else None
+        if need_dW:
+            with torch.autocast(input.device.type, enabled=False):
+                dW = (dz.t() @ x).to(weight.dtype)
+    if need_db:
+        with torch.autocast(input.device.type, enabled=False):
+            db = dy.sum(0).to(ctx.bias_dtype)
+    if dx is not None and input.dim() != 2:
+        dx = dx.view(input.shape)
+    return dx, dW, dA, dB, dm, None, db, None, None, None, None
+
+
+class DoRALinearCore(torch.autograd.Function):
+    """``apply(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype,
+    store_z)`` → ``(y, z, S, seed, mask, n)``: y and what the backward needs (non-differentiable).
+    Gradients: input, weight, lora_A, lora_B, magnitude, bias. Not twice differentiable."""
+
+    forward = staticmethod(_core_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(torch.autograd.function.once_differentiable(_backward))
+
+
+class _ForwardModeCore(DoRALinearCore):
+    jvp = staticmethod(_no_jvp)
+
+
+def apply(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype):
+    """y of one DoRA call through autograd (arguments validated by :func:`fastlora.lora_linear`)."""
+    fn = _ForwardModeCore if _forward_mode_ad() else DoRALinearCore
+    store_z = torch.compiler.is_compiling() or magnitude.requires_grad
+    return fn.apply(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype, store_z)[0]
+
+
+def forward_no_grad(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype):
+    """y alone, no autograd (eval, ``torch.no_grad``): nothing kept for a backward."""
+    c = _Call(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype, resolve=True)
+    seed_t = _seed_tensor(seed, input.device) if c.p > 0 else None
+    if c.M == 0:
+        return input.new_empty((*input.shape[:-1], c.N))
+    y, *_ = forward_impl(input.reshape(c.M, c.K), weight, lora_A, lora_B, magnitude, c.scaling, c.scale, bias, seed_t,
+                         c.keep_thresh, c.keep_scale, c.lora_dtype, c.backend, "", False)
+    return y.view(*input.shape[:-1], c.N)
+
+
+def check_dora_call(input, weight, lora_A, lora_B, magnitude, bias, same_dtype):
+    """Validate a DoRA call's tensors (:func:`fastlora._checks.check_inputs` plus the magnitude)."""
+    shapes = check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=same_dtype)
+    check_magnitude(magnitude, shapes[1], input.device)
+    return shapes
