@@ -13,12 +13,12 @@ TARGETS = {
 }
 
 
-def build(kind, seed=0, dtype=torch.float32):
+def build(kind, seed=0, dtype=torch.float32, intermediate_size=96):
     """A 2-layer model of ``kind`` with its own dropouts off (only LoRA dropout stays random)."""
     torch.manual_seed(seed)
     if kind == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=intermediate_size,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         model = transformers.LlamaForCausalLM(cfg)
     elif kind == "bert":
         cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

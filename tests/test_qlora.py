@@ -68,7 +68,11 @@ def test_dequant_4bit_bit_exact(device, quant_type, blocksize, nested, dtype, N,
     with force_backend("triton" if device == "cuda" else "triton-interpreter"):
         out = quant.quantized_weight(p).dequantize(dtype)
     assert out.dtype == dtype and out.shape == (N, K)
-    assert torch.equal(_bits(out), _bits(ref)), f"{(out != ref).sum().item()} elements differ"
+    assert torch.equal(out, ref), f"{(out != ref).sum().item()} elements differ"
+    # bit for bit but the sign of zero: on AVX512 machines bitsandbytes' CPU op hands blocksizes
+    # >= 2048 to its generic torch decode, which gives FP4's code 8 +0.0 (its kernels: -0.0)
+    nonzero = ref != 0
+    assert torch.equal(_bits(out)[nonzero], _bits(ref)[nonzero])
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -100,6 +104,30 @@ def test_torch_path_dequant_is_bitsandbytes():
     with force_backend("torch"):
         out = quant.quantized_weight(p).dequantize()
     assert torch.equal(_bits(out), _bits(bnbF.dequantize_4bit(p.data, state)))
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,K", [(8, 96), (5, 160), (3, 48)])
+def test_torch_path_dequant_with_rows_across_blocks(quant_type, nested, blocksize, dtype, N, K):
+    """K a multiple of 16 but not of the blocksize: bitsandbytes 0.50's CPU kernel restarts the
+    quant blocks at each row there (measured on 64 x 96: max error 2.0); fastlora decodes the
+    quantizer's layout, blocks of consecutive row-major elements, as bitsandbytes' CUDA kernel and
+    generic op do, and as fastlora's kernel does."""
+    p, state = _quantize_4bit(N, K, dtype, quant_type, blocksize, nested)
+    qw = quant.quantized_weight(p)
+    with force_backend("torch"):
+        out = qw.dequantize(dtype)
+    with force_backend("triton-interpreter"):
+        kernel = qw.dequantize(dtype)
+    assert torch.equal(_bits(out), _bits(kernel))
+    # the flat layout by hand: element e scaled by the absmax of block e // blocksize
+    absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset if nested else state.absmax
+    q = p.data.reshape(-1)
+    codes = torch.stack((q >> 4, q & 15), 1).reshape(-1)[:N * K].long()
+    flat = (state.code.float()[codes] * absmax.repeat_interleave(blocksize)[:N * K]).reshape(N, K).to(dtype)
+    assert torch.equal(out, flat)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +342,9 @@ def test_peft_qlora_model_trains_like_peft(mode, tmp_path):
     """A tiny Llama quantized by transformers + bitsandbytes, PEFT LoRA on every projection:
     patched equals unpatched in loss and LoRA grads over AdamW steps, with no fallback."""
     from _tiny_models import batch, build
-    build("llama").save_pretrained(tmp_path / "base")
+    # intermediate 128, not 96: the reference runs bitsandbytes' CPU dequantization, which is wrong
+    # for down_proj's K = 96 (see test_torch_path_dequant_with_rows_across_blocks)
+    build("llama", intermediate_size=128).save_pretrained(tmp_path / "base")
     ref, fast = _peft_qlora(tmp_path / "base", mode), _peft_qlora(tmp_path / "base", mode)
     report = fastlora.patch_peft_model(fast)
     assert len(report.patched) == 14 and not report.skipped and not report.expected_fallbacks
@@ -332,8 +362,9 @@ def test_peft_qlora_model_trains_like_peft(mode, tmp_path):
         for (n1, p1), (n2, p2) in zip(ref.named_parameters(), fast.named_parameters()):
             if p1.requires_grad:
                 assert n1 == n2
-                # measured max abs difference 4.5e-7 (nf4), 1.2e-7 (fp4, int8) on grads up to 0.24
-                torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-6, msg=n1)
+                # fp32 summation order, grown by AdamW (which scales tiny grads up): measured max abs
+                # difference 2.8e-6 (nf4, step 2), 3.0e-7 (fp4) on grads up to 0.11
+                torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-5, msg=n1)
         for opt in opts:
             opt.step()
     assert not report.fallbacks, report.fallbacks
