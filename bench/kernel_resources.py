@@ -41,6 +41,7 @@ from fastlora.kernels import configs
 _FWD = importlib.import_module("fastlora.kernels.lora_forward")
 _BWD = importlib.import_module("fastlora.kernels.lora_backward")
 _DQ = importlib.import_module("fastlora.kernels.dequant")
+_DORA = importlib.import_module("fastlora.kernels.dora")
 
 _ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
@@ -60,17 +61,27 @@ KERNELS = {
                 "heavy-r32": (dict(HAS_DROPOUT=True, ATOMIC=True, EVEN_K=False, BLOCK_R=32), "fp32", "fp32", None),
                 "even": (dict(HAS_DROPOUT=True, ATOMIC=False, EVEN_K=True, BLOCK_R=16), "T", "T", None)}),
     "fwd": (_FWD._lora_linear_fwd_kernel,
-            dict(x_ptr="T", w_ptr="T", s_ptr="A", b_ptr="F", bias_ptr="T", y_ptr="T", scale_ptr="A"),
+            dict(x_ptr="T", w_ptr="T", s_ptr="A", b_ptr="F", bias_ptr="T", y_ptr="T", scale_ptr="A", g_ptr="A",
+                 z_ptr="T"),
             ("stride_xk", "stride_wk", "stride_sr", "stride_br", "stride_yn", "stride_bias"), ("x", "W"),
-            {"heavy": (dict(HAS_BIAS=True, EVEN_K=False, BLOCK_R=R_GEMM), "fp32", "fp32", None),
-             "even": (dict(HAS_BIAS=False, EVEN_K=True, BLOCK_R=R_GEMM), "T", "T", None),
-             "trans": (dict(HAS_BIAS=True, EVEN_K=False, BLOCK_R=R_GEMM), "fp32", "fp32",
-                       ("stride_xk", "stride_wn", "stride_sr", "stride_br", "stride_yn", "stride_bias"))}),
+            {"heavy": (dict(HAS_BIAS=True, EVEN_K=False, COL_SCALE=False, STORE_Z=False, BLOCK_R=R_GEMM),
+                       "fp32", "fp32", None),
+             "even": (dict(HAS_BIAS=False, EVEN_K=True, COL_SCALE=False, STORE_Z=False, BLOCK_R=R_GEMM),
+                      "T", "T", None),
+             "trans": (dict(HAS_BIAS=True, EVEN_K=False, COL_SCALE=False, STORE_Z=False, BLOCK_R=R_GEMM),
+                       "fp32", "fp32",
+                       ("stride_xk", "stride_wn", "stride_sr", "stride_br", "stride_yn", "stride_bias")),
+             # DoRA's epilogue: the column scale g and the stored z on top of the heavy variant
+             "dora": (dict(HAS_BIAS=True, EVEN_K=False, COL_SCALE=True, STORE_Z=True, BLOCK_R=R_GEMM),
+                      "fp32", "fp32", None)}),
     "expand": (_FWD._lora_expand_kernel,
-               dict(y_ptr="T", s_ptr="A", b_ptr="F", scale_ptr="A"),
-               ("stride_yn", "stride_sr", "stride_br"), (),
-               {"heavy": (dict(BLOCK_R=R_GEMM), "fp32", "fp32", None),
-                "even": (dict(BLOCK_R=R_GEMM), "T", "T", None)}),
+               dict(y_ptr="T", s_ptr="A", b_ptr="F", scale_ptr="A", bias_ptr="T", g_ptr="A", z_ptr="T"),
+               ("stride_yn", "stride_sr", "stride_br", "stride_bias"), (),
+               {"heavy": (dict(HAS_BIAS=False, COL_SCALE=False, STORE_Z=False, BLOCK_R=R_GEMM), "fp32", "fp32",
+                          None),
+                "even": (dict(HAS_BIAS=False, COL_SCALE=False, STORE_Z=False, BLOCK_R=R_GEMM), "T", "T", None),
+                "dora": (dict(HAS_BIAS=True, COL_SCALE=True, STORE_Z=True, BLOCK_R=R_GEMM), "fp32", "fp32",
+                         None)}),
     "bwd_dy": (_BWD._lora_bwd_dy_kernel,
                dict(dy_ptr="T", b_ptr="F", s_ptr="A", ds_ptr="A", db_ptr="A", scale_ptr="A"),
                ("stride_dyn", "stride_br", "stride_sr", "stride_dsr", "stride_dbr"), ("dy", "B"),
@@ -122,10 +133,31 @@ KERNELS = {
                      dict(cb_ptr="i8", scb_ptr="fp32", out_ptr="T"),
                      ("stride_ck", "stride_ok"), (),
                      {"int8": (dict(BF16_BY_BITS=False), "T", "T", None)}),
+    # DoRA: the row norm of W + s·B·A (one pass over W) and the dy pass (dz = dy ⊙ g, Σ dy ⊙ z)
+    "dora_norm": (_DORA._dora_norm_kernel,
+                  dict(w_ptr="T", a_ptr="F", b_ptr="F", scale_ptr="A", part_ptr="A"),
+                  ("stride_wk", "stride_ak", "stride_br"), ("W",),
+                  {"heavy": (dict(_DORA.norm_meta(32), PRECISION="tf32x3"), "fp32", "T", None),
+                   "even": (dict(_DORA.norm_meta(16), PRECISION="tf32x3"), "T", "T", None),
+                   "trans": (dict(_DORA.norm_meta(16, w_kn=True), PRECISION="tf32x3"), "fp32", "T",
+                             ("stride_wn", "stride_ak", "stride_br")),
+                   "r64": (dict(_DORA.norm_meta(64), PRECISION="tf32x3"), "fp32", "T", None),
+                   "r128": (dict(_DORA.norm_meta(128), PRECISION="tf32x3"), "fp32", "T", None),
+                   "chunked": (dict(_DORA.norm_meta(256), PRECISION="tf32x3"), "fp32", "T", None)}),
+    "dora_dy": (_DORA._dora_dy_kernel,
+                dict(dy_ptr="T", z_ptr="T", g_ptr="A", dz_ptr="T", part_ptr="A"),
+                ("stride_dyn", "stride_zn"), ("dy", "z"),
+                {"heavy": (dict(SCALE_DY=True, COLSUM=True), "T", "T", None)}),
 }
 DEQUANT_KERNELS = ("dequant_4bit", "dequant_int8")
-# the launch configs of kernels/dequant.py's launchers (compiled GPU)
+DORA_KERNELS = ("dora_norm", "dora_dy")
+# kernels launched with one fixed config each (bandwidth-bound, no tuning): the launch configs of
+# kernels/dequant.py's and kernels/dora.py's launchers (compiled GPU)
 DEQUANT_CONFIGS = {"dequant_4bit": (dict(BLOCK_WORDS=256), 4, 3), "dequant_int8": (dict(BLOCK_N=16, BLOCK_K=256), 4, 3)}
+FIXED_CONFIGS = {**DEQUANT_CONFIGS,
+                 "dora_norm": ({}, _DORA.NORM_WARPS, _DORA.NORM_STAGES),  # tiles: the variant's norm_meta
+                 "dora_dy": ({n: v for n, v in _DORA.DY_CONFIG.items() if n.isupper()}, _DORA.DY_CONFIG["num_warps"],
+                             _DORA.DY_CONFIG["num_stages"])}
 _FLOAT_ARGS = ("keep_scale",)
 # arbitrary values (the dequant kernels' sizes are multiples of 16 in real layers: specialised so)
 _UNALIGNED_INTS = ("M", "M_KEY", "keep_thresh")
@@ -255,11 +287,13 @@ def compile_config(kernel, arch, dtype, cfg, variant="heavy"):
     acc = "fp64" if dtype == "fp64" else "fp32"
     adapter = dtype if adapter == "T" or dtype == "fp64" else adapter
     lora = dtype if lora == "T" or dtype == "fp64" else lora
-    meta = {**constexpr_variant, **{k: v for k, v in cfg.kwargs.items() if k != "SPLIT"}}
+    meta = {**{k: v for k, v in cfg.kwargs.items() if k != "SPLIT"}, **constexpr_variant}
     # fp32 matmuls: ieee (torch's default) in every variant but "even", which takes tf32
     tf32 = variant == "even"
     meta["DOT_PRECISION"] = "tf32" if dtype == "fp32" and tf32 else "ieee"
     meta.update(_lora_constexprs(dtype, lora, tf32))
+    if dtype == "fp64" and "PRECISION" in meta:  # dora_norm: fp64 dots are exact ("ieee")
+        meta["PRECISION"] = "ieee"
     constexprs = {k: v for k, v in meta.items() if k in fn.arg_names}
     constexprs.update({s: 1 for s in (unit_override or unit_strides)})
     signature, attrs = {}, {}
@@ -329,17 +363,19 @@ def shipped(arches=(80, 86, 90, 120), dtypes=("bf16", "fp16"), ci=False):
             for dtype in dtypes:
                 if ci and ((dtype == "fp16" and arch != 90) or (dtype == "fp64" and arch not in (80, 90))):
                     continue
-                if kernel in DEQUANT_KERNELS:
-                    if dtype != "fp64":  # bitsandbytes dequantizes to 16/32-bit floats only
-                        meta, warps, stages = DEQUANT_CONFIGS[kernel]
+                if kernel in FIXED_CONFIGS:
+                    if dtype != "fp64" or kernel not in DEQUANT_KERNELS:  # bitsandbytes: 16/32-bit floats only
+                        meta, warps, stages = FIXED_CONFIGS[kernel]
                         for variant in variants:
+                            if ci and dtype in ("fp16", "fp64") and kernel in DORA_KERNELS and variant != "heavy":
+                                continue
                             yield kernel, arch, dtype, triton.Config(meta, num_warps=warps, num_stages=stages), variant
                     continue
                 for variant, (meta, _, _, _) in variants.items():
                     if ci and dtype in ("fp16", "fp64") and variant != "heavy":
                         continue
                     for cfg in configs.configs_for(kernel, family(arch), _ITEMSIZE[dtype], meta["BLOCK_R"],
-                                                   meta.get("ADD_DX", False)):
+                                                   meta.get("ADD_DX", False), meta.get("STORE_Z", False)):
                         yield kernel, arch, dtype, cfg, variant
 
 

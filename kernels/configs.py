@@ -94,6 +94,10 @@ _DX_16 = {
     "sm80": [(128, 64, 32, 8, 4), (64, 128, 32, 8, 4), (128, 64, 64, 8, 3), (64, 64, 32, 4, 5)],
     "sm86": [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 4)],
 }
+# DoRA's forward epilogue also rounds and stores z = x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ; with it these (BLOCK_M,
+# BLOCK_N) spilled 8 B: 128x128x32/8 warps bf16 on sm_120 (255 registers without it already),
+# 32x64x32/4 warps fp32 on sm_86 (ptxas capped it at 128 registers)
+_DORA_FWD_DROP = {("sm86", 2): {(128, 128)}, ("sm86", 4): {(32, 64)}}
 # fp32 operands: tf32 tensor cores when torch allows them, FMA units otherwise (torch's default),
 # whose operands and accumulators live in registers: small tiles.
 _GEMM_32 = [(64, 64, 32, 8, 3), (64, 64, 16, 4, 4), (32, 64, 32, 4, 3)]  # sm_120: 64x64x32/4 warps spilled
@@ -155,12 +159,15 @@ _ACC_TILE = 8192
 _FULL_RANK_TILE = 2048
 
 
-def configs_for(kernel, arch, itemsize, block_r=16, add_dx=False):
+def configs_for(kernel, arch, itemsize, block_r=16, add_dx=False, dora=False):
     """``triton.Config`` list of ``kernel`` for an arch family, compute itemsize and rank block
-    (no grid split): the candidates a launch times, and what the compile-only gates check."""
+    (no grid split): the candidates a launch times, and what the compile-only gates check.
+    ``add_dx``: the hybrid dA pass; ``dora``: the forward GEMM with DoRA's epilogue (STORE_Z)."""
     if kernel in _GEMM_NAMES:
         table = _FWD_16 if kernel == "fwd" else _DX_16
         rows = {2: table[arch], 4: _GEMM_32, 8: _GEMM_64}[itemsize]
+        if dora and kernel == "fwd":
+            rows = [row for row in rows if row[:2] not in _DORA_FWD_DROP.get((arch, itemsize), ())]
         return _gemm(rows, _GEMM_NAMES[kernel])
     if kernel == "expand":
         return [_c(w, s, BLOCK_M=m, BLOCK_N=n, GROUP_M=8) for m, n, w, s in _EXPAND[itemsize]]
@@ -225,7 +232,8 @@ def _with_splits(cfg, splits):
 def candidates(kernel, arch, itemsize, args, device):
     """The configs a launch of ``kernel`` with arguments ``args`` may take, first = the fixed
     choice (deterministic mode, ``FASTLORA_AUTOTUNE=0``, CUDA-graph capture of a new key)."""
-    cands = configs_for(kernel, arch, itemsize, args.get("BLOCK_R", 16), bool(args.get("ADD_DX")))
+    cands = configs_for(kernel, arch, itemsize, args.get("BLOCK_R", 16), bool(args.get("ADD_DX")),
+                        bool(args.get("STORE_Z")))
     M = args["M_KEY"]
     keep = [c for c in cands if c.kwargs["BLOCK_M"] <= max(M, 16) * 2]  # tiles far taller than M waste
     cands = keep or cands[-1:]

@@ -164,19 +164,6 @@ def load_rank_block(s_ptr, b_ptr, R, rm, rn, mask_m, mask_n, stride_sm, stride_s
     return s, b
 
 
-@triton.jit
-def dora_epilogue(acc, g_ptr, z_ptrs, cols, mask_m, mask_n, COL_SCALE: tl.constexpr, STORE_Z: tl.constexpr):
-    """DoRA's part of an output tile's epilogue (kernels/dora.py): store ``z = acc`` (rounded to
-    z's dtype, for the magnitude's gradient) if STORE_Z, return ``g ⊙ acc`` (g ``[N]`` fp32/fp64,
-    one factor per output column) if COL_SCALE, else acc unchanged."""
-    if STORE_Z:
-        tl.store(z_ptrs, acc.to(z_ptrs.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    if COL_SCALE:
-        g = tl.load(g_ptr + cols, mask=mask_n, other=0.0)
-        acc = acc * g.to(acc.dtype)[None, :]
-    return acc
-
-
 @triton.jit(do_not_specialize=["M", "M_KEY"])
 def _lora_linear_fwd_kernel(
     # pointers
@@ -238,13 +225,20 @@ def _lora_linear_fwd_kernel(
                       stride_bn, stride_br, EPI_DTYPE, EPI_PRECISION, BLOCK_R, s_first, b_first)
 
     # -- epilogue: (DoRA: z kept, column scale g), bias, cast, masked store -------------------
-    y_off = tl.cast(m_start, tl.int64) * stride_ym + tl.cast(n_start, tl.int64) * stride_yn
-    y_off += rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    acc = dora_epilogue(acc, g_ptr, z_ptr + y_off, n_start + rn, mask_m, mask_n, COL_SCALE, STORE_Z)
+    tile_base = tl.cast(m_start, tl.int64) * stride_ym + tl.cast(n_start, tl.int64) * stride_yn  # z: y's strides
+    tile_off = rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_Z:  # rounded now, stored after y: acc dies before the second store's layout conversion
+        z = acc.to(z_ptr.dtype.element_ty)
+    if COL_SCALE:
+        g = tl.load(g_ptr + n_start + rn, mask=mask_n, other=0.0)
+        acc = acc * g.to(acc_dtype)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + (n_start + rn) * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(acc_dtype)[None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptr + tile_base + tile_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if STORE_Z:
+        tl.store(z_ptr + tile_base + tile_off, z, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "M_KEY"])
@@ -274,17 +268,22 @@ def _lora_expand_kernel(
     mask_n = rn < N - n_start
     s_ptr += tl.cast(m_start, tl.int64) * stride_sm
     b_ptr += tl.cast(n_start, tl.int64) * stride_bn
-    y_off = tl.cast(m_start, tl.int64) * stride_ym + tl.cast(n_start, tl.int64) * stride_yn
-    y_off += rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    y_ptrs = y_ptr + y_off
+    tile_base = tl.cast(m_start, tl.int64) * stride_ym + tl.cast(n_start, tl.int64) * stride_yn  # z: y's strides
+    tile_off = rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    y_ptrs = y_ptr + tile_base + tile_off
     mask = mask_m[:, None] & mask_n[None, :]
     s_first, b_first = load_rank_block(s_ptr, b_ptr, R, rm, rn, mask_m, mask_n, stride_sm, stride_sr,
                                        stride_bn, stride_br, BLOCK_R)
     y = tl.load(y_ptrs, mask=mask, other=0.0)
     scaling = tl.load(scale_ptr).to(acc_dtype)
+    if COL_SCALE:  # loaded before the rank loop (ptxas keeps fewer values alive across it)
+        g = tl.load(g_ptr + n_start + rn, mask=mask_n, other=0.0)
     acc = rank_update(y.to(acc_dtype), s_ptr, b_ptr, scaling, R, rm, rn, mask_m, mask_n, stride_sm, stride_sr,
                       stride_bn, stride_br, EPI_DTYPE, EPI_PRECISION, BLOCK_R, s_first, b_first)
-    acc = dora_epilogue(acc, g_ptr, z_ptr + y_off, n_start + rn, mask_m, mask_n, COL_SCALE, STORE_Z)
+    if STORE_Z:
+        tl.store(z_ptr + tile_base + tile_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    if COL_SCALE:
+        acc = acc * g.to(acc_dtype)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + (n_start + rn) * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(acc_dtype)[None, :]

@@ -71,7 +71,8 @@ def test_every_shipped_config_passes_the_sass_gates(resources, kernel, arch):
     fam = family(arch)
     for dtype in ("bf16", "fp32"):  # every config of the 2- and 4-byte lists, every variant
         for variant, (meta, *_) in VARIANTS[kernel][4].items():
-            n_cfg = len(configs.configs_for(kernel, fam, ITEMSIZE[dtype], meta["BLOCK_R"], meta.get("ADD_DX", False)))
+            n_cfg = len(configs.configs_for(kernel, fam, ITEMSIZE[dtype], meta["BLOCK_R"], meta.get("ADD_DX", False),
+                                              meta.get("STORE_Z", False)))
             got = [r for r in rows if r["dtype"] == dtype and r["variant"] == variant]
             assert n_cfg and len(got) == n_cfg, f"{kernel} sm_{arch} {dtype} {variant}: {len(got)} of {n_cfg} compiled"
     for r in rows:
@@ -113,6 +114,39 @@ def test_dequant_kernels_pass_the_sass_gates(resources, arch):
             assert int(r["scalar_loads"]) <= allowed, f"{where}: {r['scalar_loads']} scalar 8/16-bit loads"
             if kernel == "dequant_int8":
                 assert int(r["vector_loads"]) > 0, f"{where}: int8 weights not read as 16-byte vectors"
+
+
+@pytest.mark.compile_only
+@pytest.mark.parametrize("arch", ARCHES, ids=lambda a: f"sm{a}")
+def test_dora_kernels_pass_the_sass_gates(resources, arch):
+    """DoRA's kernels (kernels/dora.py), bandwidth-bound, each at its one launch config: no spills,
+    shared memory within the limit, no scalar 8/16-bit loads. The row norm streams W through its
+    K loop asynchronously with no synchronous load left in the loop (every rank up to
+    ``MAX_ONE_R``, row-major and Conv1D-transposed W), on tensor cores for 16-bit weights; only the
+    ``chunked`` variant (r > MAX_ONE_R, r in 16-wide chunks inside each K step, so the K loop is not
+    the innermost one) reads W synchronously. The dy pass reads dy and z and writes dz as 16-byte
+    vectors."""
+    from bench.kernel_resources import DORA_KERNELS, KERNELS as VARIANTS
+    for kernel in DORA_KERNELS:
+        rows = [r for r in resources if r["kernel"] == kernel and int(r["arch"]) == arch]
+        for dtype in ("bf16", "fp32"):
+            got = {r["variant"] for r in rows if r["dtype"] == dtype}
+            assert got == set(VARIANTS[kernel][4]), f"{kernel} sm_{arch} {dtype}: compiled {sorted(got)}"
+        for r in rows:
+            where = f"{kernel} sm_{arch} {r['dtype']} {r['variant']}"
+            assert int(r["spill_stores"]) == 0 and int(r["spill_loads"]) == 0, \
+                f"{where}: spills {r['spill_stores']}/{r['spill_loads']} B"
+            assert int(r["shared"]) <= int(r["shared_limit"]), f"{where}: {r['shared']} B of shared memory"
+            assert int(r["scalar_loads"]) == 0, f"{where}: {r['scalar_loads']} scalar 8/16-bit loads"
+            if kernel == "dora_norm":
+                assert int(r["loop_async_copies"]) > 0, f"{where}: W not copied asynchronously"
+                if r["variant"] != "chunked":
+                    assert int(r["loop_sync_loads"]) == 0, f"{where}: {r['loop_sync_loads']} synchronous loads in the K loop"
+                if r["dtype"] in ("bf16", "fp16"):
+                    assert int(r["wgmma"]) + int(r["mma"]) > 0, f"{where}: no tensor-core instruction"
+            else:
+                assert int(r["vector_loads"]) > 0 and int(r["vector_stores"]) > 0 and int(r["scalar_stores"]) == 0, \
+                    f"{where}: {r['vector_loads']} 16-byte loads, {r['vector_stores']} 16-byte / {r['scalar_stores']} scalar stores"
 
 
 def test_sass_parser_finds_loops_and_counts_loads():

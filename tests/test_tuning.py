@@ -20,7 +20,8 @@ _KERNELS = {
     "bwd_da": ("lora_backward", "_lora_bwd_da_kernel"),
 }
 _LAUNCHER_GIVEN = {"HAS_DROPOUT", "HAS_BIAS", "DOT_PRECISION", "LORA_DTYPE", "LORA_PRECISION", "PIECES", "EPI_DTYPE",
-                   "EPI_PRECISION", "BLOCK_R", "COMPUTE_DS", "COMPUTE_DB", "DO_DA", "DO_DB", "ADD_DX"}
+                   "EPI_PRECISION", "BLOCK_R", "COMPUTE_DS", "COMPUTE_DB", "DO_DA", "DO_DB", "ADD_DX",
+                   "COL_SCALE", "STORE_Z"}  # DoRA epilogue (kernels/dora.py): set by the launcher
 
 
 def raw(name):
