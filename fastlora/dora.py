@@ -163,9 +163,13 @@ def _(dy, z, g, backend, scale_dy, colsum):
     return dy.new_empty(dy.shape if scale_dy else (0,)), g.new_empty(g.shape if colsum else (0,))
 
 
+_OPERATORS = {"dora_linear_fwd": dora_linear_fwd, "dora_dy": dora_dy}
+_IMPLS = {"dora_linear_fwd": forward_impl, "dora_dy": dy_impl}
+
+
 def _op(name):
-    return globals()[name] if ops.need_operator() else globals()[{"dora_linear_fwd": "forward_impl",
-                                                                  "dora_dy": "dy_impl"}[name]]
+    """The registered operator (traced, compiled, other dispatch keys) or its body called directly."""
+    return _OPERATORS[name] if ops.need_operator() else _IMPLS[name]
 
 
 # ----------------------------------------------------------------------------------------------

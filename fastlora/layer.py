@@ -55,7 +55,7 @@ def lora_scaling(r, lora_alpha, use_rslora):
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _check_hparams(r, lora_alpha, lora_dropout, use_rslora=False):
+def _check_hparams(r, lora_alpha, lora_dropout, use_rslora=False, use_dora=False):
     """Validate LoRA hyper-parameters; returns ``(r, lora_alpha, lora_dropout)``. Raises TypeError
     for a wrong type, ValueError for a value out of range, naming the argument."""
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
@@ -68,6 +68,8 @@ def _check_hparams(r, lora_alpha, lora_dropout, use_rslora=False):
         raise ValueError(f"lora_alpha: expected a finite number, got {lora_alpha!r}")
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora: expected a bool, got {type(use_rslora).__name__} {use_rslora!r}")
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora: expected a bool, got {type(use_dora).__name__} {use_dora!r}")
     return int(r), lora_alpha, check_dropout_p(lora_dropout, "lora_dropout")
 
 
@@ -84,6 +86,10 @@ class LoRALinear(nn.Module):
         r: LoRA rank (≥ 1). lora_alpha: LoRA alpha.
         lora_dropout: dropout probability on the LoRA input, in [0, 1), active in training mode.
         use_rslora: ``scaling = lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+        use_dora: DoRA (Liu et al., ICML 2024; PEFT ``use_dora=True``): a trainable magnitude
+            vector ``lora_magnitude_vector`` ``[out]`` (adapter dtype), initialised to the row norms
+            of the base weight, scales each output:
+            ``y = m/‖W + scaling·B·A‖ ⊙ (x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ) + b`` (fastlora/dora.py).
         device, dtype: of the base weight and bias. The adapters are fp32 when dtype is fp16 /
             bf16 (PEFT's default), else dtype.
 
@@ -100,12 +106,12 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, in_features, out_features, bias=True, *, r=8, lora_alpha=8, lora_dropout=0.0,
-                 use_rslora=False, device=None, dtype=None):
+                 use_rslora=False, use_dora=False, device=None, dtype=None):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        _check_hparams(r, lora_alpha, lora_dropout, use_rslora, use_dora)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         if bias:
@@ -113,12 +119,15 @@ class LoRALinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.fan_in_fan_out = False
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora)
-        self.reset_parameters()
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, use_dora, reset=False)
+        self.reset_parameters()  # W and b, then the adapters (DoRA's magnitude from the new W)
 
-    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora):
-        self._r, self._lora_alpha, self._lora_dropout = _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, use_dora=False, reset=True):
+        self._r, self._lora_alpha, self._lora_dropout = _check_hparams(r, lora_alpha, lora_dropout, use_rslora,
+                                                                       use_dora)
         self._use_rslora = use_rslora
+        self._use_dora = use_dora
+        self._merge_norm = None
         self._merged = False
         self._merge_record = None
         device, dtype = self.weight.device, self._base_dtype()
@@ -130,10 +139,15 @@ class LoRALinear(nn.Module):
         factory = {"device": device, "dtype": adapter_dtype_for(dtype)}
         self.lora_A = nn.Linear(in_features, self.r, bias=False, **factory)
         self.lora_B = nn.Linear(self.r, out_features, bias=False, **factory)
-        self.reset_lora_parameters()
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.lora_magnitude_vector = None
+        if reset:
+            self.reset_lora_parameters()
 
     @classmethod
-    def from_linear(cls, linear, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
+    def from_linear(cls, linear, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, use_dora=False):
         """Wrap an existing ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``, weight ``[in, out]``,
         PEFT's ``fan_in_fan_out``) sharing its weight and bias parameters (no copy); they are
         frozen. A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` gives a :class:`QuantLoRALinear`
@@ -146,11 +160,11 @@ class LoRALinear(nn.Module):
         """
         if is_quantized_linear(linear):
             return QuantLoRALinear.wrap(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                        use_rslora=use_rslora)
+                                        use_rslora=use_rslora, use_dora=use_dora)
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
             raise TypeError(f"linear: expected an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
-        _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        _check_hparams(r, lora_alpha, lora_dropout, use_rslora, use_dora)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.weight = linear.weight
@@ -159,7 +173,7 @@ class LoRALinear(nn.Module):
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
         layer.fan_in_fan_out = conv1d
-        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora)
+        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, use_dora)
         return layer
 
     # -- shapes and hyper-parameters ----------------------------------------------------------
@@ -210,6 +224,11 @@ class LoRALinear(nn.Module):
         self._refresh_scale()
 
     @property
+    def use_dora(self):
+        """Whether the layer is DoRA (fixed at creation: it decides whether ``lora_magnitude_vector`` exists)."""
+        return self._use_dora
+
+    @property
     def lora_dropout(self):
         """Dropout probability of the LoRA input, in [0, 1) (active in training mode)."""
         return self._lora_dropout
@@ -255,7 +274,12 @@ class LoRALinear(nn.Module):
     def _record(self):
         """What a merge depends on, to tell later whether it still holds: each tensor's storage
         and in-place version counter."""
-        return tuple((t.data_ptr(), t._version) for t in (self.weight, self.lora_A.weight, self.lora_B.weight))
+        return tuple((t.data_ptr(), t._version) for t in self._merge_inputs()[1])
+
+    def _merge_inputs(self):
+        names = ("weight", "lora_A.weight", "lora_B.weight") + (("lora_magnitude_vector",) if self._use_dora else ())
+        return names, (self.weight, self.lora_A.weight, self.lora_B.weight) + \
+            ((self.lora_magnitude_vector,) if self._use_dora else ())
 
     @property
     def merged(self):
@@ -271,9 +295,25 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
-        """PEFT's default LoRA init: ``lora_A`` kaiming-uniform (a=√5), ``lora_B`` zeros."""
+        """PEFT's default LoRA init: ``lora_A`` kaiming-uniform (a=√5), ``lora_B`` zeros; DoRA's
+        magnitude: the row norms ``‖W + scaling·B·A‖ = ‖W‖`` (PEFT's ``DoraLinearLayer.update_layer``),
+        so a fresh layer computes exactly its base."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self._use_dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    @torch.no_grad()
+    def weight_norm(self):
+        """DoRA's ``‖W + scaling·B·A‖₂`` per output row, ``[out]`` in fp32 (fp64 for an fp64 base),
+        computed without forming the N×K sum on the Triton path (fastlora/dora.py)."""
+        from .dora import weight_norm
+        w = self.base_weight()
+        if w.device.type == "meta":
+            return torch.empty(self.out_features, device="meta", dtype=acc_dtype_of(self._base_dtype()))
+        return weight_norm(w, self.lora_A.weight, self.lora_B.weight, self.scaling, None,
+                           acc_dtype_of(w.dtype, self.lora_A.weight.dtype))
 
     def base_weight(self):
         """The base weight as ``[out, in]`` (a transposed view for a Conv1D base, no copy)."""
@@ -287,7 +327,8 @@ class LoRALinear(nn.Module):
                 self._check_merge("forward (merged)")
             return F.linear(input, self.base_weight(), self.bias)
         return lora_linear(input, self.base_weight(), self.lora_A.weight, self.lora_B.weight, self._scale,
-                           self.bias, dropout_p=self.lora_dropout, training=self.training)
+                           self.bias, dropout_p=self.lora_dropout, training=self.training,
+                           magnitude=self.lora_magnitude_vector if self._use_dora else None)
 
     # -- merging ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -299,7 +340,17 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _apply_delta(self, sign):
         w = self.base_weight()  # a view: writing it writes the parameter
-        w.copy_((w.to(acc_dtype_of(w.dtype)) + sign * self.delta_weight()).to(w.dtype))
+        acc = acc_dtype_of(w.dtype)
+        if not self._use_dora:
+            w.copy_((w.to(acc) + sign * self.delta_weight()).to(w.dtype))
+        elif sign > 0:  # PEFT's DoRA merge: W' = (m / ‖W + ΔW‖) ⊙ (W + ΔW), the norm kept for unmerge
+            self._merge_norm = self.weight_norm()
+            factor = (self.lora_magnitude_vector.to(acc) / self._merge_norm.to(acc))[:, None]
+            w.copy_((factor * (w.to(acc) + self.delta_weight())).to(w.dtype))
+        else:  # W = W' / (m / ‖W + ΔW‖) - ΔW with the norm of the merge
+            factor = (self.lora_magnitude_vector.to(acc) / self._merge_norm.to(acc))[:, None]
+            w.copy_((w.to(acc) / factor - self.delta_weight()).to(w.dtype))
+            self._merge_norm = None
 
     def merge(self):
         """Add ``scaling·B·A`` into ``weight`` in place (sum in fp32, rounded once to the weight's
@@ -322,8 +373,7 @@ class LoRALinear(nn.Module):
         """Raise if the weight or the adapters changed in place since :meth:`merge` (the merged
         weight no longer holds exactly the delta unmerge() would subtract)."""
         now = self._record()
-        for name, (ptr, version), (ptr_now, version_now) in zip(("weight", "lora_A.weight", "lora_B.weight"),
-                                                                 self._merge_record, now):
+        for name, (ptr, version), (ptr_now, version_now) in zip(self._merge_inputs()[0], self._merge_record, now):
             if ptr != ptr_now or version != version_now:
                 raise RuntimeError(f"{doing}: {name} was changed after merge(), so the weight no longer holds exactly "
                                    "the delta unmerge() would subtract; change adapters only while unmerged (to export "
@@ -350,6 +400,8 @@ class LoRALinear(nn.Module):
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
                         dtype=w.dtype)
         merged = w.to(acc_dtype_of(w.dtype)) if self._merged else w.to(acc_dtype_of(w.dtype)) + self.delta_weight()
+        if self._use_dora and not self._merged:
+            merged = merged * (self.lora_magnitude_vector.to(merged.dtype) / self.weight_norm().to(merged.dtype))[:, None]
         out.weight.copy_(merged.to(w.dtype))
         if self.bias is not None:
             out.bias.copy_(self.bias)
@@ -359,6 +411,7 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "
                 f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}"
+                + (", use_dora=True" if self._use_dora else "")
                 + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
                 + (", merged=True" if self._merged else "")
                 + f", backend={kernel_backend(self.weight.device)}")
@@ -384,11 +437,15 @@ class QuantLoRALinear(LoRALinear):
     bias = property(lambda self: self.base_layer.bias, doc="The base layer's bias (frozen), or None.")
 
     @classmethod
-    def wrap(cls, linear, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False):
+    def wrap(cls, linear, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, use_dora=False):
         """See :meth:`LoRALinear.from_linear`. Raises ValueError if ``linear``'s weight is not
-        quantized yet (bitsandbytes quantizes when the layer moves to a device)."""
+        quantized yet (bitsandbytes quantizes when the layer moves to a device), or for
+        ``use_dora=True`` (DoRA over a quantized base is not fused by fastlora)."""
         from .quant import quantized_weight
-        _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+        _check_hparams(r, lora_alpha, lora_dropout, use_rslora, use_dora)
+        if use_dora:
+            raise ValueError(f"use_dora: DoRA over a bitsandbytes-quantized base ({type(linear).__name__}) is not "
+                             "supported by fastlora; use PEFT's DoRA for QLoRA bases, or LoRA (use_dora=False)")
         quantized_weight(linear)  # refuses an unquantized / unreadable weight before anything changes
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)

@@ -106,7 +106,7 @@ def tuner_layers(model):
 
 
 def inject_lora(model, target_modules, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                exclude_modules=None):
+                exclude_modules=None, use_dora=False):
     """Replace matching linear layers of ``model`` in place with :class:`fastlora.LoRALinear`.
 
     Args:
@@ -118,7 +118,8 @@ def inject_lora(model, target_modules, *, r=8, lora_alpha=8, lora_dropout=0.0, u
             head: the model's output embedding if it has one, else top-level ``lm_head``,
             ``score`` or ``classifier`` modules). Modules inside existing fastlora LoRA layers
             are never matched.
-        r, lora_alpha, lora_dropout, use_rslora: as for :class:`fastlora.LoRALinear`.
+        r, lora_alpha, lora_dropout, use_rslora, use_dora: as for :class:`fastlora.LoRALinear`
+            (``use_dora=True``: DoRA layers, each with a trainable ``lora_magnitude_vector``).
         exclude_modules: names never to replace, same rules as ``target_modules`` (no "all-linear").
 
     Returns:
@@ -138,7 +139,7 @@ def inject_lora(model, target_modules, *, r=8, lora_alpha=8, lora_dropout=0.0, u
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     target_modules = _check_targets("target_modules", target_modules)
     exclude_modules = _check_targets("exclude_modules", exclude_modules, allow_none=True)
-    _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+    _check_hparams(r, lora_alpha, lora_dropout, use_rslora, use_dora)
     tuners = tuner_layers(model)
     if tuners:
         raise ValueError(f"model: {type(model).__name__} holds {len(tuners)} PEFT tuner layer(s) (e.g. {tuners[0]}): "
@@ -160,7 +161,8 @@ def inject_lora(model, target_modules, *, r=8, lora_alpha=8, lora_dropout=0.0, u
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         setattr(parent, child, LoRALinear.from_linear(modules[name], r=r, lora_alpha=lora_alpha,
-                                                      lora_dropout=lora_dropout, use_rslora=use_rslora))
+                                                      lora_dropout=lora_dropout, use_rslora=use_rslora,
+                                                      use_dora=use_dora))
     for name, p in model.named_parameters():
         if "lora_" not in name:
             p.requires_grad_(False)
@@ -270,7 +272,8 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, task_type=No
     """Write the LoRA adapters of ``model`` in PEFT's format.
 
     Files: ``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight``
-    ``[r, in]`` and ``.lora_B.weight`` ``[out, r]``, adapter name stripped, as PEFT saves),
+    ``[r, in]`` and ``.lora_B.weight`` ``[out, r]``, for DoRA layers ``.lora_magnitude_vector``
+    ``[out]`` and ``use_dora: true`` in the config, adapter name stripped, as PEFT saves),
     ``adapter_config.json`` and a short ``README.md`` model card (as PEFT writes one). The config's
     ``target_modules`` are the shortest names PEFT matches to exactly the model's LoRA layers
     (e.g. ``["q_proj", "v_proj"]``); the most common r / alpha are ``r`` / ``lora_alpha`` and
@@ -297,7 +300,7 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, task_type=No
     Raises:
         TypeError: ``model`` not a Module; ``directory``, ``base_model_name_or_path``, ``task_type``
             not strings; ``modules_to_save`` not a list of names.
-        ValueError: no LoRA layer, layers that disagree on rsLoRA, an unknown module to save.
+        ValueError: no LoRA layer, layers that disagree on rsLoRA or on DoRA, an unknown module to save.
     """
     from safetensors.torch import save_file
 
@@ -317,6 +320,9 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, task_type=No
     rslora = {m.use_rslora for m in layers.values()}
     if len(rslora) > 1:
         raise ValueError("model: layers mix use_rslora True and False, which PEFT's config cannot express")
+    dora = {m.use_dora for m in layers.values()}
+    if len(dora) > 1:
+        raise ValueError("model: layers mix use_dora True and False, which PEFT's config cannot express")
     modules = dict(model.named_modules())
     for name in modules_to_save or []:
         if name not in modules:
@@ -332,6 +338,8 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, task_type=No
     for name, m in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A.weight)
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = _full(m.lora_B.weight)
+        if m.use_dora:
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = _full(m.lora_magnitude_vector)
     for name in modules_to_save or []:
         for k, v in modules[name].state_dict().items():
             tensors[f"{_PREFIX}{name}.{k}"] = _full(v)
@@ -353,7 +361,7 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, task_type=No
         "bias": "none",
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": dora.pop(),
     }
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
@@ -381,14 +389,14 @@ def _model_card(config, n_layers):
 
 
 # LoraConfig fields fastlora implements (their values are used).
-_SUPPORTED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules",
+_SUPPORTED = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules", "exclude_modules",
               "rank_pattern", "alpha_pattern", "fan_in_fan_out", "modules_to_save", "bias"}
 # Metadata and initialisation options with no effect on a loaded adapter's math.
 _IGNORED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
             "peft_version", "init_lora_weights", "runtime_config", "megatron_core", "qalora_group_size",
             "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
 # Everything else must be off: these change the math or the layout if set (values from PEFT 0.21).
-_MUST_BE_OFF = {"use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+_MUST_BE_OFF = {"lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
                 "layer_replication": None, "use_qalora": False, "alora_invocation_tokens": None,
                 "velora_config": None, "monteclora_config": None, "arrow_config": None, "kasa_config": None,
                 "use_bdlora": None, "trainable_token_indices": None, "target_parameters": None,
@@ -436,7 +444,8 @@ def _in_saved_module(param_name, save_names):
     return any(p == s or p.endswith("." + s) for p in prefixes for s in save_names)
 
 
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weight|"
+                  r"(?P<mag>magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$")
 
 
 def load_adapter(model, directory):
@@ -477,7 +486,7 @@ def load_adapter(model, directory):
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m:
-            found[m["module"]][m["ab"]] = (key, t)
+            found[m["module"]][m["ab"] or "m"] = (key, t)
             continue
         local = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         if _in_saved_module(local, save_names) and local in params:
@@ -495,6 +504,10 @@ def load_adapter(model, directory):
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         problems.append(f"config: use_rslora: expected true or false, got {use_rslora!r}")
+    use_dora = config.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        problems.append(f"config: use_dora: expected true or false, got {use_dora!r}")
+        use_dora = False
     for name in found:
         if name not in layers:
             problems.append(f"{name}: the file has LoRA weights for it but the model has no LoRALinear there")
@@ -518,11 +531,22 @@ def load_adapter(model, directory):
             elif tuple(got[ab][1].shape) != shape:
                 problems.append(f"{got[ab][0]}: shape {tuple(got[ab][1].shape)}, expected {shape} "
                                 f"(r={r} from the config, layer {layer.in_features}->{layer.out_features})")
+        if use_dora and "m" not in got:
+            problems.append(f"{name}.lora_magnitude_vector: missing from the file (the config has use_dora=true)")
+        elif use_dora and tuple(got["m"][1].shape) != (layer.out_features,):
+            problems.append(f"{got['m'][0]}: shape {tuple(got['m'][1].shape)}, expected ({layer.out_features},)")
+        elif not use_dora and "m" in got:
+            problems.append(f"{got['m'][0]}: a DoRA magnitude, but the config has use_dora=false")
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise ValueError(f"{path}: {len(problems)} problem(s), nothing loaded:\n  " + "\n  ".join(shown))
 
     resized = collections.Counter((layers[n].r, hparams[n][0]) for n in layers if hparams[n][0] != layers[n].r)
+    switched = [n for n in layers if layers[n].use_dora != use_dora]
+    if switched:
+        warnings.warn(f"load_adapter: {len(switched)} layer(s) made {'DoRA' if use_dora else 'plain LoRA'} to match "
+                      f"the adapter (use_dora={use_dora}, e.g. {switched[0]}): they have new parameters, so rebuild "
+                      "optimizers after loading", stacklevel=2)
     if resized:
         warnings.warn(f"load_adapter: {sum(resized.values())} LoRA layer(s) resized to the adapter's rank ("
                       + ", ".join(f"{n} from r={a} to r={b}" for (a, b), n in resized.items())
@@ -531,13 +555,15 @@ def load_adapter(model, directory):
     with torch.no_grad():
         for name, layer in layers.items():
             r, alpha = hparams[name]
-            if r != layer.r:
-                layer._init_lora(r, alpha, layer.lora_dropout, layer.use_rslora)
+            if r != layer.r or layer.use_dora != use_dora:
+                layer._init_lora(r, alpha, layer.lora_dropout, layer.use_rslora, use_dora)
             layer.lora_alpha = alpha
             layer.use_rslora = use_rslora
             layer.lora_dropout = float(config.get("lora_dropout", 0.0))
             layer.lora_A.weight.copy_(found[name]["A"][1])
             layer.lora_B.weight.copy_(found[name]["B"][1])
+            if use_dora:
+                layer.lora_magnitude_vector.copy_(found[name]["m"][1])
         for local, t in extra.items():
             params[local].copy_(t)
     return list(layers)

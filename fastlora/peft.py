@@ -4,17 +4,23 @@
 subclass whose ``forward`` calls :func:`fastlora.lora_linear` when the layer's state is one
 fastlora computes exactly; otherwise it calls PEFT's own ``forward``. The decision is taken at
 every call, so merging, disabling adapters, switching or adding adapters, passing
-``adapter_names`` and DoRA all keep working. Training, ``merge_and_unload``,
+``adapter_names`` and LoRA variants all keep working. Training, ``merge_and_unload``,
 ``save_pretrained`` and the state dict are PEFT's own: the layers' parameters are untouched.
 
 Fused when all hold (PEFT's forward order: base, then ``lora_B(lora_A(dropout(x))) · scaling``,
 ``peft/tuners/lora/layer.py``):
   exactly one active adapter present in the layer; not merged; adapters enabled; no per-call
-  ``adapter_names`` or extra forward arguments; no LoRA variant (DoRA, aLoRA, ...); the base
+  ``adapter_names`` or extra forward arguments; no LoRA variant (aLoRA, ...) but DoRA; the base
   is ``nn.Linear`` or GPT-2 ``Conv1D`` (``fan_in_fan_out``) with plain, unsharded float
   weights on the input's device and no hooks (e.g. accelerate's offloading) on it; the dropout
   is ``nn.Dropout`` or ``nn.Identity``. ``lora_bias`` and rsLoRA are
   supported, fp32 or half adapters too.
+DoRA (``use_dora=True``) runs fused on plain bases (not on bitsandbytes ones, nor with
+``lora_bias``): ``m/‖W + s·B·A‖ ⊙ (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ) + b`` (fastlora.dora), PEFT's forward
+exactly without dropout or in eval mode. With ``lora_dropout > 0`` in training fastlora drops
+the input of the LoRA branch only; PEFT's forward also feeds the dropped-out input to the
+magnitude's share of the base term, ``(g - 1) ⊙ x̃·Wᵀ`` (a second base GEMM): same expectation,
+different samples.
 Each other case falls back to PEFT with a warning that names the layer and the reason (once per
 layer and reason), and is counted in the :class:`PatchReport`.
 """
@@ -43,7 +49,8 @@ class PatchReport:
         skipped: ``{name: reason}`` for LoRA layers left entirely to PEFT (unsupported layer type,
             a base layer that is another tuner layer, a base that is not a plain linear).
         expected_fallbacks: ``{name: reason}`` for patched layers that, as configured when
-            patching, run PEFT's forward at every call (e.g. DoRA); rechecked at each call.
+            patching, run PEFT's forward at every call (e.g. a LoRA variant other than DoRA);
+            rechecked at each call.
         fallbacks: live ``Counter`` of ``(name, reason)`` for calls that ran PEFT's forward.
     """
     patched: list = dataclasses.field(default_factory=list)
@@ -131,10 +138,21 @@ def _fallback_reason(layer, x, args, kwargs, quantized=False):
         return f"{len(active)} active adapters", None
     adapter = active[0]
     variants = layer.__dict__.get("lora_variant") or {}
-    if adapter in variants:
+    dora = (layer.__dict__.get("use_dora") or {}).get(adapter, False)
+    if adapter in variants and not (dora and _is_dora_variant(variants[adapter])):
         return f"LoRA variant {type(variants[adapter]).__name__}", None
-    if (layer.__dict__.get("use_dora") or {}).get(adapter, False):
-        return "DoRA", None
+    magnitude = None
+    if dora:
+        if quantized:
+            return "DoRA on a quantized base (fastlora fuses DoRA for plain weights only)", None
+        if (layer.__dict__.get("lora_bias") or {}).get(adapter, False):
+            return "DoRA with lora_bias", None
+        mag_layer = mods["lora_magnitude_vector"]._modules.get(adapter)
+        if mag_layer is None or _hooked(mag_layer):
+            return "DoRA magnitude layer missing or hooked", None
+        magnitude = mag_layer._parameters.get("weight")
+        if not _plain_weight(magnitude) or magnitude.device != x.device:
+            return "DoRA magnitude sharded, empty or on another device", None
     base = mods["base_layer"]
     params = base._parameters
     weight, bias = params.get("weight"), params.get("bias")
@@ -167,7 +185,22 @@ def _fallback_reason(layer, x, args, kwargs, quantized=False):
         return f"dropout module {type(dropout).__name__}", None
     if _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout):
         return "hooks on lora_A / lora_B / lora_dropout", None
-    return None, (adapter, base, weight, lora_A, lora_B, dropout)
+    return None, (adapter, base, weight, lora_A, lora_B, dropout, magnitude)
+
+
+@functools.lru_cache(maxsize=None)
+def _dora_variant_class():
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:  # a PEFT without LoRA variants: DoRA is the use_dora flag alone
+        return None
+    return DoraLinearVariant
+
+
+def _is_dora_variant(variant):
+    """PEFT's own DoRA variant for Linear (whose forward fastlora computes), not a subclass of it
+    with a forward of its own."""
+    return type(variant) is _dora_variant_class()
 
 
 class FastLoraPeftLinear(PeftLoraLinear):
@@ -184,9 +217,9 @@ class FastLoraPeftLinear(PeftLoraLinear):
         if reason is not None:
             self._fastlora_fallback(reason)
             return super().forward(x, *args, **kwargs)
-        adapter, base, weight, lora_A, lora_B, dropout = parts
+        adapter, base, weight, lora_A, lora_B, dropout, magnitude = parts
         weight = weight.t() if self.fan_in_fan_out else weight
-        return _fused(self, x, adapter, base, weight, lora_A, lora_B, dropout, weight.dtype)
+        return _fused(self, x, adapter, base, weight, lora_A, lora_B, dropout, weight.dtype, magnitude)
 
     def _fastlora_fallback(self, reason):
         name = getattr(self, "_fastlora_name", "?")
@@ -201,9 +234,11 @@ class FastLoraPeftLinear(PeftLoraLinear):
             warnings.warn(f"fastlora: {name} runs PEFT's own forward ({reason})", stacklevel=3)
 
 
-def _fused(layer, x, adapter, base, weight, lora_A, lora_B, dropout, dtype):
+def _fused(layer, x, adapter, base, weight, lora_A, lora_B, dropout, dtype, magnitude=None):
     """The fused call replacing ``base_layer(x) + lora_B(lora_A(dropout(x)))·scaling`` (``dtype``:
-    the base's compute dtype; bias and, with lora_bias, ``scaling·lora_B.bias`` folded into it)."""
+    the base's compute dtype; bias and, with lora_bias, ``scaling·lora_B.bias`` folded into it),
+    or with ``magnitude`` PEFT's DoRA forward (``peft/tuners/lora/dora.py``,
+    ``DoraLinearLayer.forward``) ``m/‖W + s·B·A‖ ⊙ (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ) + b``."""
     scaling = layer.scaling[adapter]
     bias = base.bias
     if (layer.__dict__.get("lora_bias") or {}).get(adapter, False) and lora_B.bias is not None:
@@ -212,7 +247,8 @@ def _fused(layer, x, adapter, base, weight, lora_A, lora_B, dropout, dtype):
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
     p = dropout.p if type(dropout) is nn.Dropout else 0.0
-    return lora_linear(x, weight, lora_A.weight, lora_B.weight, scaling, bias, dropout_p=p, training=dropout.training)
+    return lora_linear(x, weight, lora_A.weight, lora_B.weight, scaling, bias, dropout_p=p, training=dropout.training,
+                       magnitude=magnitude)
 
 
 class _FastLoraQuantMixin:
@@ -229,7 +265,7 @@ class _FastLoraQuantMixin:
         if reason is not None:
             self._fastlora_fallback(reason)
             return self._peft_class.forward(self, x, *args, **kwargs)
-        adapter, base, qweight, lora_A, lora_B, dropout = parts
+        adapter, base, qweight, lora_A, lora_B, dropout, _ = parts  # DoRA: PEFT's forward (refused above)
         dtype = getattr(base, "compute_dtype", None) or x.dtype
         y = _fused(self, x if x.dtype == dtype else x.to(dtype), adapter, base, qweight, lora_A, lora_B, dropout,
                    dtype)
@@ -264,11 +300,16 @@ def _quant_classes():
 
 def _configured_fallback(layer):
     """Why a patched layer, as configured now, would run PEFT's forward at every call (None: fused)."""
+    quantized = type(layer) is not FastLoraPeftLinear
     for adapter in layer.active_adapters:
-        if adapter in getattr(layer, "lora_variant", {}):
-            return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
-        if getattr(layer, "use_dora", {}).get(adapter, False):
-            return "DoRA"
+        dora = getattr(layer, "use_dora", {}).get(adapter, False)
+        variant = getattr(layer, "lora_variant", {}).get(adapter)
+        if variant is not None and not (dora and _is_dora_variant(variant)):
+            return f"LoRA variant {type(variant).__name__}"
+        if dora and quantized:
+            return "DoRA on a quantized base (fastlora fuses DoRA for plain weights only)"
+        if dora and getattr(layer, "lora_bias", {}).get(adapter, False):
+            return "DoRA with lora_bias"
     if layer.merged:
         return "adapter merged"
     return None
@@ -284,7 +325,7 @@ def patch_peft_model(model):
     Returns:
         :class:`PatchReport` listing patched layers, layers skipped with the reason (other LoRA
         layer types, e.g. Embedding, Conv2d; LoRA stacked on another tuner layer),
-        patched layers that run PEFT's forward as configured (e.g. DoRA), and a live count of
+        patched layers that run PEFT's forward as configured (e.g. aLoRA), and a live count of
         call-time fallbacks. One warning per reason summarises what will not run fused. Patching
         twice is harmless.
 

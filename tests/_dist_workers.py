@@ -69,15 +69,28 @@ def main(out):
     results["fsdp2_step"] = lora_params(model)
     fastlora.save_adapter(model, os.path.join(out, "fsdp2_adapter"))
 
-    # FSDP2 over a PEFT model patched by fastlora
-    pm, ids = build_peft()
-    report = fastlora.patch_peft_model(pm)
-    for block in pm.base_model.model.model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(pm, mesh=mesh)
-    pm(input_ids=shard(rank, world, ids), labels=shard(rank, world, ids)).loss.backward()
-    results["fsdp2_peft"] = lora_grads(pm)
-    results["fsdp2_peft_fallbacks"] = dict(report.fallbacks)  # empty: fastlora saw full parameters
+    # FSDP2 over DoRA LoRALinear layers: grads (the magnitudes' too) and one AdamW step
+    model = build_plain(use_dora=True)
+    for layer in model:
+        if isinstance(layer, fastlora.LoRALinear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ((model(shard(rank, world, x)) - shard(rank, world, t)).pow(2).sum() * world / GLOBAL_BATCH).backward()
+    results["fsdp2_dora"] = lora_grads(model)
+    opt.step()
+    results["fsdp2_dora_step"] = lora_params(model)
+
+    # FSDP2 over PEFT models (LoRA, DoRA) patched by fastlora
+    for key, use_dora in (("fsdp2_peft", False), ("fsdp2_peft_dora", True)):
+        pm, ids = build_peft(use_dora=use_dora)
+        report = fastlora.patch_peft_model(pm)
+        for block in pm.base_model.model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(pm, mesh=mesh)
+        pm(input_ids=shard(rank, world, ids), labels=shard(rank, world, ids)).loss.backward()
+        results[key] = lora_grads(pm)
+        results[key + "_fallbacks"] = dict(report.fallbacks)  # empty: fastlora saw full parameters
 
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()

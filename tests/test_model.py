@@ -151,7 +151,7 @@ def test_bad_adapter_files_give_one_clear_error_and_load_nothing(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items()), "partially loaded"
 
 
-@pytest.mark.parametrize("field,value,words", [("use_dora", True, "use_dora"), ("lora_bias", True, "lora_bias"),
+@pytest.mark.parametrize("field,value,words", [("use_dora", "yes", "use_dora"), ("lora_bias", True, "lora_bias"),
                                                ("layers_to_transform", [0], "layers_to_transform"),
                                                ("some_future_option", 3, "unknown field"),
                                                ("bias", "all", "bias"), ("peft_type", "IA3", "peft_type")])

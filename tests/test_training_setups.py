@@ -204,9 +204,9 @@ def distributed_results(tmp_path_factory):
     return out, [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-def _single_process_plain():
+def _single_process_plain(use_dora=False):
     from _dist_models import GLOBAL_BATCH, build_plain, data
-    model = build_plain()
+    model = build_plain(use_dora=use_dora)
     x, t = data()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ((model(x) - t).pow(2).sum() / GLOBAL_BATCH).backward()
@@ -255,16 +255,29 @@ def test_fsdp2_training_step_and_saved_adapter(distributed_results):
             torch.testing.assert_close(saved[f"base_model.model.{n}"], p.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp2_over_a_patched_peft_model(distributed_results):
+def test_fsdp2_dora_training_step(distributed_results):
+    _, ranks = distributed_results
+    model, expected = _single_process_plain(use_dora=True)
+    assert sum("lora_magnitude_vector" in n for n in expected) == 2
+    for r in ranks:
+        _compare("fsdp2_dora", r["fsdp2_dora"], expected)
+        _compare("fsdp2_dora_step", r["fsdp2_dora_step"],
+                 {n: p.detach() for n, p in model.named_parameters() if "lora_" in n})
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_fsdp2_over_a_patched_peft_model(distributed_results, use_dora):
     from _dist_models import build_peft
     _, ranks = distributed_results
-    pm, ids = build_peft()
+    pm, ids = build_peft(use_dora=use_dora)
     fastlora.patch_peft_model(pm)
     pm(input_ids=ids, labels=ids).loss.backward()
     expected = {n: p.grad for n, p in pm.named_parameters() if p.grad is not None}
+    assert any("lora_magnitude_vector" in n for n in expected) == use_dora
+    key = "fsdp2_peft_dora" if use_dora else "fsdp2_peft"
     for r in ranks:
-        assert r["fsdp2_peft_fallbacks"] == {}, "fastlora met a sharded parameter and fell back"
-        _compare("fsdp2_peft", r["fsdp2_peft"], expected)
+        assert r[key + "_fallbacks"] == {}, "fastlora met a sharded parameter and fell back"
+        _compare(key, r[key], expected)
 
 
 # ------------------------------------------------------------------------------------------
