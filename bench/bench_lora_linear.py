@@ -17,8 +17,11 @@ torch and triton versions, commit and date; plots go to ``<out>/*.png``.
 FLOPs (2 per multiply-add), rank r, tokens M:
     fwd  2MNK + 2MKr + 2MNr          (base: 2MNK)
     bwd  2MNK + 4MNr + 4MKr          dx, dS, dB, dA  (base: 2MNK for dx)
+    DoRA adds the row norm ‖W + s·B·A‖ (2NKr + 3NK) and g ⊙ z (MN) to fwd, dy ⊙ g and Σ_M dy ⊙ z
+    (3MN) to bwd
 Minimal bytes (each operand read once, each result written once, e = element size):
     fwd  e·(MK + NK + MN) + adapters     bwd  e·(MN + MK + NK + MK) + adapters
+    (DoRA: the magnitude vector counts as an adapter)
 """
 import argparse
 import collections
@@ -35,8 +38,9 @@ import torch
 from . import shapes as S
 
 PROVIDERS = ("base", "eager", "peft", "peft-fp32", "compile", "addmm", "fastlora", "fastlora-fused", "fastlora-hybrid",
-             "fastlora-fp32", "qlora-base", "peft-qlora", "fastlora-qlora")
+             "fastlora-fp32", "qlora-base", "peft-qlora", "fastlora-qlora", "peft-dora", "fastlora-dora")
 QLORA_PROVIDERS = ("qlora-base", "peft-qlora", "fastlora-qlora")  # NF4 base weight (bitsandbytes)
+DORA_PROVIDERS = ("peft-dora", "fastlora-dora")  # y = g ⊙ (LoRA's), g = m / ‖W + s·B·A‖, m trained
 BASES = ("base", "qlora-base")  # no LoRA branch
 
 MODES = ("fwd", "bwd", "fwd+bwd", "eval")  # eval: forward under torch.no_grad, dropout off (decode)
@@ -49,7 +53,7 @@ PRESETS = {
     # distinct layer shapes at the goal point (M=8192, r=16, p=0.1, bf16), with p=0, M=2048 and
     # fwd / bwd alone around it. torch.compile only at the goal point: each new shape recompiles.
     "device": dict(sets=["llama3-8b"], tokens=[8192], ranks=[16], dropout=[0.1], dtypes=["bf16"],
-                   modes=["fwd+bwd", "fwd", "bwd"], compile_cases="goal",
+                   modes=["fwd+bwd", "fwd", "bwd"], compile_cases="goal", exclude=DORA_PROVIDERS,
                    extra=[dict(dropout=[0.0], modes=["fwd+bwd"]), dict(tokens=[2048], modes=["fwd+bwd"]),
                           dict(tokens=[1], dropout=[0.0], modes=["eval"])]),
     # The CPU set (issue #11): the main job's MiniLM, SmolLM2-135M and Qwen2.5-1.5B layer shapes,
@@ -67,6 +71,16 @@ PRESETS = {
     "qlora-cpu": dict(sets=["smollm2-135m"], tokens=[256, 1024], ranks=[8], dropout=[0.0, 0.1],
                       dtypes=["fp32"], modes=["fwd+bwd"], compile_cases="none",
                       providers=["base", "qlora-base", "peft-qlora", "fastlora-qlora"], extra=[]),
+    # DoRA (issue #14): PEFT's DoRA layer against fastlora's, beside fastlora's LoRA (the GPU goal:
+    # fastlora-dora within 1.1x of fastlora at the same shape) and the frozen base. device_check.sh
+    # runs "dora" as its own stage, so that its rows come back even if the standard set overruns.
+    "dora": dict(sets=["llama3-8b"], tokens=[8192], ranks=[16], dropout=[0.1, 0.0], dtypes=["bf16"],
+                 modes=["fwd+bwd"], compile_cases="none", providers=["base", "fastlora", "peft-dora", "fastlora-dora"],
+                 extra=[dict(tokens=[2048], dropout=[0.1])]),
+    # DoRA on the CPU: the "cpu" preset's training cases (the CPU goal: faster than PEFT's DoRA on each)
+    "dora-cpu": dict(sets=["minilm", "smollm2-135m", "qwen2.5-1.5b"], tokens=[256, 1024, 4096], ranks=[8],
+                     dropout=[0.0, 0.1], dtypes=["fp32"], modes=["fwd+bwd"], compile_cases="none",
+                     providers=["base", "fastlora", "peft-dora", "fastlora-dora"], extra=[]),
     "full": dict(sets=["llama3-8b", "qwen2.5-7b", "mistral-7b", "smollm2-135m", "minilm"], tokens=list(S.TOKENS),
                  ranks=list(S.RANKS), dropout=[0.0, 0.1], dtypes=["bf16", "fp16"], modes=list(MODES),
                  compile_cases="all", extra=[]),
@@ -92,11 +106,14 @@ def flops(M, N, K, r, mode, provider):
         return {"fwd": 2 * M * N * K, "bwd": 2 * M * N * K, "fwd+bwd": 4 * M * N * K}[mode]
     fwd = 2 * M * N * K + 2 * M * K * r + 2 * M * N * r
     bwd = 2 * M * N * K + 4 * M * N * r + 4 * M * K * r
+    if provider in DORA_PROVIDERS:
+        fwd += 2 * N * K * r + 3 * N * K + M * N
+        bwd += 3 * M * N
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def min_bytes(M, N, K, r, e, mode, provider):
-    adapters = 0 if provider in BASES else e * r * (N + K)
+    adapters = 0 if provider in BASES else e * (r * (N + K) + (N if provider in DORA_PROVIDERS else 0))
     w = N * K / 2 if provider in QLORA_PROVIDERS else e * N * K  # NF4: half a byte per weight
     fwd = e * (M * K + M * N) + w + adapters
     bwd = e * (M * N + M * K + M * K) + w + 2 * adapters
@@ -162,10 +179,13 @@ def max_rel_error(prov, inp):
     if prov.name in BASES:
         y64 = x64 @ W.double().t()
     else:
-        A64 = prov.leaves[1].detach().double().requires_grad_()
-        B64 = prov.leaves[2].detach().double().requires_grad_()
-        leaves64 += [A64, B64]
-        y64 = x64 @ W.double().t() + inp.scaling * (x64 @ A64.t()) @ B64.t()
+        leaves64 += [t.detach().double().requires_grad_() for t in prov.leaves[1:]]
+        if prov.name in DORA_PROVIDERS:
+            from fastlora.reference import dora_linear_ref
+            y64 = dora_linear_ref(x64, W.double(), *leaves64[1:], inp.scaling)
+        else:
+            A64, B64 = leaves64[1:]
+            y64 = x64 @ W.double().t() + inp.scaling * (x64 @ A64.t()) @ B64.t()
     y64.backward(inp.dy.double())
     errs = [(y.double() - y64).abs().max() / y64.abs().max()]
     for t, t64 in zip(prov.leaves, leaves64):
@@ -378,6 +398,7 @@ def run(args):
     print_table(rows)
     print_goals(rows)
     print_qlora(rows)
+    print_dora(rows)
     print_static_model(rows)
     if failures:
         print(f"{len(failures)} provider run(s) failed: " + "; ".join(f"{f[0]} {f[2]} M={f[3]} {f[4]}" for f in failures))
@@ -461,6 +482,42 @@ def print_qlora(rows):
         print("\n".join(lines))
 
 
+def print_dora(rows):
+    """DoRA rows: fastlora's DoRA against PEFT's (the CPU goal: faster on every case) and against
+    fastlora's LoRA on the same case (the GPU goal: within 1.1x), each over the frozen base, with
+    each one's p20-p80 spread."""
+    cases = collections.defaultdict(dict)
+    for r in rows:
+        cases[(r["set"], r["layer"], r["M"], r["N"], r["K"], r["r"], r["dtype"], r["dropout"], r["mode"])][
+            r["provider"]] = r
+    lines, slower, n = [], 0, 0
+    for key, by in cases.items():
+        if "fastlora-dora" not in by:
+            continue
+        fd = by["fastlora-dora"]
+        line = f"  {key[1]:10} M={key[2]:<5} {key[6]} p={key[7]} {key[8]:8} fastlora-dora {fd['median_ms']:.3f} ms " \
+               f"({fd['p20_ms']:.3f}-{fd['p80_ms']:.3f})"
+        if "peft-dora" in by:
+            pd = by["peft-dora"]
+            n += 1
+            slower += fd["median_ms"] >= pd["median_ms"]
+            line += f" | peft-dora {pd['median_ms']:.3f} ({pd['p20_ms']:.3f}-{pd['p80_ms']:.3f}): " \
+                    f"fastlora/peft {fd['median_ms'] / pd['median_ms']:.3f}"
+        if "fastlora" in by:
+            line += f" | / fastlora LoRA {fd['median_ms'] / by['fastlora']['median_ms']:.3f}"
+        if "base" in by:
+            b = by["base"]["median_ms"]
+            line += f" | x base: fastlora-dora {fd['median_ms'] / b:.3f}" + (
+                f" peft-dora {by['peft-dora']['median_ms'] / b:.3f}" if "peft-dora" in by else "")
+        lines.append(line)
+    if lines:
+        print("DoRA: median ms (p20-p80), fastlora-dora / peft-dora, / fastlora's LoRA (GPU goal <= 1.1), "
+              "each x the frozen base:")
+        print("\n".join(lines))
+    if n:
+        print(f"DoRA goal (reported, not asserted): fastlora-dora faster than peft-dora on {n - slower} of {n} cases")
+
+
 def print_goals(rows):
     """Report (never assert) the goals: fwd+bwd, M=8192, bf16, r=16, p=0.1, Llama-3-8B shapes."""
     print_everywhere_goals(rows)
@@ -522,7 +579,8 @@ def parse_args(argv=None):
     if args.providers is None:
         # torch.compile needs a C++ toolchain and minutes on a CPU; the smoke run leaves it out
         args.providers = preset.get("providers") or [p for p in PROVIDERS if not (args.smoke and p == "compile")
-                                                     and (p not in QLORA_PROVIDERS or _has_bitsandbytes())]
+                                                     and (p not in QLORA_PROVIDERS or _has_bitsandbytes())
+                                                     and p not in preset.get("exclude", ())]
     if "base" not in args.providers:
         args.providers = ["base"] + args.providers
     if args.smoke:

@@ -10,8 +10,8 @@
 # the files under OUT_DIR come back even if one overruns: at most 9 min of stages, inside the device
 # tool's 10-minute limit per command (call it with timeout_s 600) and, with the machine's start
 # (1-2 min), the 15 minutes lent.
-# OUT_DIR receives at most 9 files: device_check.log, env.txt, tests.txt, lora_linear.csv,
-# ratio_to_base.png, speedup_vs_eager.png, e2e.csv, qlora/lora_linear.csv (+ its plots).
+# OUT_DIR receives: device_check.log, env.txt, tests.txt, lora_linear.csv, ratio_to_base.png,
+# speedup_vs_eager.png, e2e.csv, dora/lora_linear.csv and qlora/lora_linear.csv (+ their plots).
 # The QLoRA stage needs bitsandbytes, which the GPU image lacks: carry its wheel (the device
 # tool's README: `pip download ... -d .whl bitsandbytes==0.50.0`, `carry: [".whl"]`); this script
 # installs .whl/*.whl into /tmp/site when that folder exists, and skips the stage otherwise.
@@ -57,7 +57,7 @@ stage "compiled GPU tests"
 if [ $DRY = 0 ]; then
   FASTLORA_AUTOTUNE=0 timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     tests/test_lora_linear.py tests/test_dropout.py tests/test_launches_and_memory.py tests/test_layer.py \
-    tests/test_peft.py tests/test_training_setups.py tests/test_errors.py tests/test_qlora.py \
+    tests/test_peft.py tests/test_training_setups.py tests/test_errors.py tests/test_qlora.py tests/test_dora.py \
     -k "gpu or triton or cuda or test_gpu" \
     2>&1 | tee "$OUT/tests.txt" | tail -40
   echo "== both paths (fused, hybrid), bf16 and fp32 LoRA math included" | tee -a "$OUT/tests.txt"
@@ -73,11 +73,20 @@ fi
 
 stage "benchmark: standard set"
 if [ $DRY = 0 ]; then
-  timeout 230 "$PY" -m bench --preset device --warmup 10 --rep 50 --no-progress --out "$OUT"
+  timeout 210 "$PY" -m bench --preset device --warmup 10 --rep 50 --no-progress --out "$OUT"
 else
   timeout 120 "$PY" -m bench --smoke --no-progress --out "$OUT"
 fi
 echo "bench exit: $?"
+
+stage "benchmark: DoRA (PEFT's DoRA vs fastlora's, fastlora's LoRA, the frozen base)"
+if [ $DRY = 0 ]; then
+  timeout 40 "$PY" -m bench --preset dora --warmup 10 --rep 40 --no-progress --out "$OUT/dora"
+else
+  timeout 120 "$PY" -m bench --smoke --providers base fastlora peft-dora fastlora-dora --modes fwd+bwd \
+    --no-progress --out "$OUT/dora"
+fi
+echo "dora bench exit: $?"
 
 stage "benchmark: QLoRA (NF4 base: PEFT + bitsandbytes vs fastlora, peak memory)"
 if [ "$HAS_BNB" = 1 ]; then
@@ -94,7 +103,7 @@ fi
 
 stage "benchmark: end-to-end Llama step"
 if [ $DRY = 0 ]; then
-  timeout 60 "$PY" -m bench.bench_e2e --layers 2 --batch 4 --seq 2048 --steps 5 --out "$OUT"
+  timeout 50 "$PY" -m bench.bench_e2e --layers 2 --batch 4 --seq 2048 --steps 5 --out "$OUT"
 else
   timeout 120 "$PY" -m bench.bench_e2e --smoke --out "$OUT"
 fi

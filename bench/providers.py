@@ -21,6 +21,11 @@ compute dtype the model dtype; needs bitsandbytes):
   qlora-base      the frozen bitsandbytes ``Linear4bit`` alone: QLoRA's floor
   peft-qlora      a real PEFT ``lora.bnb.Linear4bit`` over it, adapters in the model dtype
   fastlora-qlora  ``fastlora.lora_linear`` with that ``Params4bit`` as the weight
+
+DoRA (``y = g ⊙ (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ)``, ``g = m / ‖W + s·B·A‖₂`` per row; the magnitude m trains too;
+m starts at ‖W‖ per row times 1 ± 10%, so g ≠ 1):
+  peft-dora       a real ``peft`` LoRA Linear layer with ``use_dora=True``, adapters in the model dtype
+  fastlora-dora   ``fastlora.lora_linear(..., magnitude=m)``, the path chosen by measurement
 """
 import contextlib
 import dataclasses
@@ -43,6 +48,7 @@ class Inputs:
     dy: torch.Tensor      # [M, N]
     scaling: float
     p: float
+    magnitude: torch.Tensor  # [N], DoRA's (requires grad)
 
 
 def make_inputs(M, N, K, r, dtype, device, p, seed=0, scaling=2.0):
@@ -56,7 +62,9 @@ def make_inputs(M, N, K, r, dtype, device, p, seed=0, scaling=2.0):
     W = rnd(N, K, std=K ** -0.5)
     A = rnd(r, K, std=K ** -0.5).requires_grad_()
     B = rnd(N, r, std=r ** -0.5).requires_grad_()
-    return Inputs(x, W, A, B, rnd(M, N), scaling, p)
+    dy = rnd(M, N)
+    m = (torch.linalg.vector_norm(W.float(), dim=1) * (1 + 0.1 * torch.randn(N, generator=g).to(device)))
+    return Inputs(x, W, A, B, dy, scaling, p, m.to(dtype).requires_grad_())
 
 
 class Provider:
@@ -81,19 +89,22 @@ class Provider:
             self.forward().backward(dy)
 
 
-def _peft_layer(inp, fp32_adapters):
+def _peft_layer(inp, fp32_adapters, use_dora=False):
     import peft
     from torch import nn
     N, K = inp.W.shape
     r = inp.A.shape[0]
     lin = nn.Linear(K, N, bias=False, device=inp.W.device, dtype=inp.W.dtype)
     lin.weight = nn.Parameter(inp.W, requires_grad=False)
-    cfg = peft.LoraConfig(r=r, lora_alpha=inp.scaling * r, target_modules=["0"], lora_dropout=inp.p)
+    cfg = peft.LoraConfig(r=r, lora_alpha=inp.scaling * r, target_modules=["0"], lora_dropout=inp.p,
+                          use_dora=use_dora)
     model = peft.get_peft_model(nn.Sequential(lin), cfg, autocast_adapter_dtype=fp32_adapters)
     layer = model.base_model.model[0]
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(inp.A)
         layer.lora_B["default"].weight.copy_(inp.B)
+        if use_dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(inp.magnitude)
     model.train()
     return layer
 
@@ -189,4 +200,16 @@ def make_provider(name, inp):
                         [W, a32, b32])
     if name in ("qlora-base", "peft-qlora", "fastlora-qlora"):
         return _qlora_provider(name, inp)
+    if name == "peft-dora":
+        layer = _peft_layer(inp, False, use_dora=True)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        m = layer.lora_magnitude_vector["default"].weight
+        return Provider(name, lambda: layer(x), [x, a, b, m], [W, a, b, m])
+    if name == "fastlora-dora":
+        m = inp.magnitude
+        if os.environ.get("FASTLORA_PATH", "auto").strip().lower() not in ("", "auto"):
+            raise ValueError(f"provider fastlora-dora: FASTLORA_PATH={os.environ['FASTLORA_PATH']!r} is set, so "
+                             "this row would not measure the automatic choice; unset it")
+        return Provider(name, lambda: fastlora.lora_linear(x, W, A, B, s, dropout_p=p, magnitude=m),
+                        [x, A, B, m], [W, A, B, m])
     raise ValueError(f"provider: expected one of {PROVIDERS}, got {name!r}")

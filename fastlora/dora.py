@@ -146,7 +146,7 @@ def dy_impl(dy, z, g, backend, scale_dy, colsum):
     if (backend or select_backend(dy.device, dy.dtype)[0]) == "torch":
         with ops._no_autocast(dy.device.type):
             dz = (dy * g if dy.dtype == g.dtype else (dy.to(g.dtype) * g).to(dy.dtype)) if scale_dy else None
-            cs = torch.einsum("mn,mn->n", dy.to(g.dtype), z.to(g.dtype)) if colsum else None
+            cs = torch.linalg.vecdot(dy.to(g.dtype), z.to(g.dtype), dim=0) if colsum else None
     else:
         dz, cs = kernels().dora.dora_dy(dy, z, g, scale_dy, colsum)
     return (dz if dz is not None else dy.new_empty(0), cs if cs is not None else g.new_empty(0))

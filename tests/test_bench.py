@@ -24,15 +24,22 @@ def test_bench_smoke_writes_csv_and_plots(tmp_path):
     assert "not performance figures" in out
     rows = list(csv.DictReader(open(tmp_path / "lora_linear.csv")))
     providers = {r["provider"] for r in rows}
-    assert {"base", "eager", "peft", "peft-fp32", "addmm", "fastlora", "fastlora-fp32"} <= providers
+    assert {"base", "eager", "peft", "peft-fp32", "addmm", "fastlora", "fastlora-fp32", "peft-dora",
+            "fastlora-dora"} <= providers
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd", "eval"}
     for r in rows:
         assert float(r["median_ms"]) > 0 and r["gpu"] and r["torch"] and r["smoke"] == "True"
         if r["mode"] == "fwd+bwd":  # every provider computes the same function at dropout 0
             assert float(r["max_rel_err"]) < 1e-5, r
-        if r["provider"].startswith("fastlora"):  # only S and the seed beyond input and params
+        if r["provider"] == "fastlora-dora" and r["mode"] != "eval":  # LoRA's + z [M, N] for dm
+            assert int(r["lora_mk_saved"]) == 1, r
+        elif r["provider"].startswith("fastlora"):  # only S and the seed beyond input and params
             assert int(r["lora_mk_saved"]) == 0
     assert any(int(r["lora_mk_saved"]) > 0 for r in rows if r["provider"] == "eager" and float(r["dropout"]) > 0)
+    dora = [r for r in rows if r["provider"] in ("peft-dora", "fastlora-dora") and r["mode"] != "eval"]
+    saved = {(r["provider"], r["mode"], r["dropout"]): int(r["saved_extra_bytes"]) for r in dora}
+    assert all(saved["fastlora-dora", m, p] < saved["peft-dora", m, p] for _, m, p in saved), saved
+    assert "DoRA goal (reported, not asserted)" in out
     for png in ("ratio_to_base.png", "speedup_vs_eager.png"):
         assert (tmp_path / png).stat().st_size > 1000
 
