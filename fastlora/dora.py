@@ -272,6 +272,77 @@ def apply(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, se
     return fn.apply(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype, store_z)[0]
 
 
+class _SavedContext:
+    """Stands in for an autograd ctx so that :func:`_setup_context` / :func:`_backward` serve the
+    quantized-weight Function too (which must not keep the dequantized W between the passes)."""
+
+    def __init__(self, saved=(), needs_input_grad=()):
+        self.saved_tensors, self.needs_input_grad = tuple(saved), tuple(needs_input_grad)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *_):
+        pass
+
+    def set_materialize_grads(self, _):
+        pass
+
+
+_CTX_ATTRS = ("has_seed", "has_scale", "scaling", "keep", "backend", "lora_dtype", "bias_dtype")
+
+
+class QDoRALinearFunction(torch.autograd.Function):
+    """DoRA over a frozen quantized base weight (QLoRA + DoRA; PEFT ``use_dora=True`` on a
+    ``lora.bnb.Linear4bit`` / ``Linear8bitLt``): W = dequant(W_q) ``[N, K]`` in input's dtype,
+    transient in the forward (the row norm and the GEMM read it) and dequantized again in the
+    backward when dx is needed; then the math of :class:`DoRALinearCore`. Saved: what DoRA saves
+    except W (the quantized storage is referenced). ``apply(input, lora_A, lora_B, magnitude,
+    scaling, bias, dropout_p, seed, lora_dtype, store_z, qweight)`` → y. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, input, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype, store_z, qw):
+        weight = qw.dequantize(input.dtype)
+        inputs = (input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype, store_z)
+        out = _core_forward(*inputs)
+        shim = _SavedContext()
+        _setup_context(shim, inputs, out)
+        del weight, inputs
+        saved = list(shim.saved_tensors)
+        saved[1] = None  # W: dequantized again in the backward
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*saved)
+        for a in _CTX_ATTRS:
+            setattr(ctx, a, getattr(shim, a))
+        ctx.qw, ctx.dtype = qw, input.dtype
+        return out[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        if dy is None:
+            return (None,) * 11
+        saved = list(ctx.saved_tensors)
+        need_dx, need_dA, need_dB, need_dm, _, need_db = ctx.needs_input_grad[:6]
+        saved[1] = ctx.qw.dequantize(ctx.dtype) if need_dx else \
+            torch.empty((), dtype=ctx.dtype, device=dy.device).expand(ctx.qw.shape)  # only dx reads W
+        shim = _SavedContext(saved, (need_dx, False, need_dA, need_dB, need_dm, False, need_db))
+        for a in _CTX_ATTRS:
+            setattr(shim, a, getattr(ctx, a))
+        dx, _, dA, dB, dm, _, db, *_ = _backward(shim, dy)
+        return dx, dA, dB, dm, None, db, None, None, None, None, None
+
+
+def qdora_linear(input, qw, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype, needs_grad):
+    """The quantized-weight branch of DoRA in :func:`fastlora.lora_linear` (validated there)."""
+    if not needs_grad:
+        return forward_no_grad(input, qw.dequantize(input.dtype), lora_A, lora_B, magnitude, scaling, bias,
+                               dropout_p, seed, lora_dtype)
+    store_z = torch.compiler.is_compiling() or magnitude.requires_grad
+    return QDoRALinearFunction.apply(input, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype,
+                                     store_z, qw)
+
+
 def forward_no_grad(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, seed, lora_dtype):
     """y alone, no autograd (eval, ``torch.no_grad``): nothing kept for a backward."""
     c = _Call(input, weight, lora_A, lora_B, scaling, bias, dropout_p, lora_dtype, resolve=True)

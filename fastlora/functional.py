@@ -74,7 +74,9 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
             ``y = g ⊙ (input·weightᵀ + scaling·(dropout(input)·lora_Aᵀ)·lora_Bᵀ) + bias`` with
             ``g = magnitude / ‖weight + scaling·lora_B·lora_A‖₂`` per output row, the norm detached
             (no gradient flows through it, the paper's §4.3 and PEFT), computed in fp32 (fp64 for
-            fp64). Gradients also for magnitude (in its dtype). Plain (not quantized) weights.
+            fp64). Gradients also for magnitude (in its dtype). With a quantized weight (QLoRA +
+            DoRA) the norm and the GEMM read W dequantized to the compute dtype, as PEFT's
+            ``lora.bnb`` DoRA layers do.
 
     Returns:
         ``[..., N]`` tensor in input's dtype (the autocast dtype under ``torch.autocast``).
@@ -134,8 +136,8 @@ def _dora(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, tr
     if type(weight) not in _PLAIN:
         from . import quant
         if quant.is_quantized(weight):
-            raise TypeError("weight: DoRA (magnitude given) needs a plain floating weight, got a quantized "
-                            f"{type(weight).__name__}; dequantize it first (QuantizedWeight.dequantize())")
+            return _quantized_dora(input, quant.quantized_weight(weight), lora_A, lora_B, magnitude, scaling, bias,
+                                   dropout_p, training, seed, autocast, device_type)
     dora.check_dora_call(input, weight, lora_A, lora_B, magnitude, bias, same_dtype=not autocast)
     p = _check_call(input, scaling, dropout_p, training, seed)
     lora_dtype = None
@@ -146,3 +148,21 @@ def _dora(input, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, tr
         if not _needs_grad(input, weight, lora_A, lora_B, magnitude, bias, scaling):
             return dora.forward_no_grad(input, weight, lora_A, lora_B, magnitude, scaling, bias, p, seed, lora_dtype)
         return dora.apply(input, weight, lora_A, lora_B, magnitude, scaling, bias, p, seed, lora_dtype)
+
+
+def _quantized_dora(input, qw, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, seed, autocast,
+                    device_type):
+    """DoRA with a quantized ``weight`` (QLoRA + DoRA): the validation and autocast of
+    :func:`_quantized`, the magnitude's check, then fastlora.dora's quantized Function."""
+    from . import dora
+    from .quant import check_quantized_call
+    shapes = check_quantized_call(input, qw, lora_A, lora_B, bias, same_dtype=not autocast)
+    dora.check_magnitude(magnitude, shapes[1], input.device)
+    p = _check_call(input, scaling, dropout_p, training, seed)
+    lora_dtype = None
+    if autocast:
+        lora_dtype = torch.get_autocast_dtype(device_type)
+        input, bias = _autocast_cast(input, lora_dtype), _autocast_cast(bias, lora_dtype)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        return dora.qdora_linear(input, qw, lora_A, lora_B, magnitude, scaling, bias, p, seed, lora_dtype,
+                                 _needs_grad(input, lora_A, lora_B, magnitude, bias, scaling))

@@ -439,13 +439,11 @@ class QuantLoRALinear(LoRALinear):
     @classmethod
     def wrap(cls, linear, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, use_dora=False):
         """See :meth:`LoRALinear.from_linear`. Raises ValueError if ``linear``'s weight is not
-        quantized yet (bitsandbytes quantizes when the layer moves to a device), or for
-        ``use_dora=True`` (DoRA over a quantized base is not fused by fastlora)."""
+        quantized yet (bitsandbytes quantizes when the layer moves to a device). ``use_dora=True``:
+        the magnitude starts at the row norms of the dequantized weight (PEFT's
+        ``DoraLinearLayer.update_layer`` on a bitsandbytes base)."""
         from .quant import quantized_weight
         _check_hparams(r, lora_alpha, lora_dropout, use_rslora, use_dora)
-        if use_dora:
-            raise ValueError(f"use_dora: DoRA over a bitsandbytes-quantized base ({type(linear).__name__}) is not "
-                             "supported by fastlora; use PEFT's DoRA for QLoRA bases, or LoRA (use_dora=False)")
         quantized_weight(linear)  # refuses an unquantized / unreadable weight before anything changes
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
@@ -453,7 +451,7 @@ class QuantLoRALinear(LoRALinear):
         for p in linear.parameters():
             p.requires_grad_(False)
         layer.fan_in_fan_out = False
-        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora)
+        layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, use_dora)
         return layer
 
     @property
@@ -498,7 +496,8 @@ class QuantLoRALinear(LoRALinear):
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
         y = lora_linear(x, self.quantized_weight(), self.lora_A.weight, self.lora_B.weight, self._scale, bias,
-                        dropout_p=self.lora_dropout, training=self.training)
+                        dropout_p=self.lora_dropout, training=self.training,
+                        magnitude=self.lora_magnitude_vector if self._use_dora else None)
         return y if y.dtype == input.dtype else y.to(input.dtype)
 
     def merge(self):
@@ -512,12 +511,15 @@ class QuantLoRALinear(LoRALinear):
     @torch.no_grad()
     def merged_linear(self, dtype=None):
         """A new ``nn.Linear`` holding ``dequant(W) + scaling·B·A`` (summed in fp32, rounded once to
-        ``dtype``) and a copy of the bias, on the base's device. ``dtype`` default: the 4-bit
-        weight's original dtype (``quant_state.dtype``), for int8 the bias's dtype, else fp32."""
+        ``dtype``; DoRA: times ``magnitude / ‖dequant(W) + scaling·B·A‖`` per row, PEFT's merge) and a
+        copy of the bias, on the base's device. ``dtype`` default: the 4-bit weight's original dtype
+        (``quant_state.dtype``), for int8 the bias's dtype, else fp32."""
         qw = self.quantized_weight()
         bias = self.bias
         dtype = dtype or qw.dtype or (bias.dtype if bias is not None else torch.float32)
         merged = qw.dequantize(torch.float32) + self.delta_weight()
+        if self._use_dora:
+            merged = merged * (self.lora_magnitude_vector.float() / torch.linalg.vector_norm(merged, dim=1))[:, None]
         out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=merged.device,
                         dtype=dtype)
         out.weight.copy_(merged.to(dtype))

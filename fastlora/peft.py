@@ -15,8 +15,8 @@ Fused when all hold (PEFT's forward order: base, then ``lora_B(lora_A(dropout(x)
   weights on the input's device and no hooks (e.g. accelerate's offloading) on it; the dropout
   is ``nn.Dropout`` or ``nn.Identity``. ``lora_bias`` and rsLoRA are
   supported, fp32 or half adapters too.
-DoRA (``use_dora=True``) runs fused on plain bases (not on bitsandbytes ones, nor with
-``lora_bias``): ``m/‖W + s·B·A‖ ⊙ (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ) + b`` (fastlora.dora), PEFT's forward
+DoRA (``use_dora=True``) runs fused on plain and on bitsandbytes bases (not with ``lora_bias``,
+which PEFT refuses for DoRA): ``m/‖W + s·B·A‖ ⊙ (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ) + b`` (fastlora.dora), PEFT's forward
 exactly without dropout or in eval mode. With ``lora_dropout > 0`` in training fastlora drops
 the input of the LoRA branch only; PEFT's forward also feeds the dropped-out input to the
 magnitude's share of the base term, ``(g - 1) ⊙ x̃·Wᵀ`` (a second base GEMM): same expectation,
@@ -143,8 +143,6 @@ def _fallback_reason(layer, x, args, kwargs, quantized=False):
         return f"LoRA variant {type(variants[adapter]).__name__}", None
     magnitude = None
     if dora:
-        if quantized:
-            return "DoRA on a quantized base (fastlora fuses DoRA for plain weights only)", None
         if (layer.__dict__.get("lora_bias") or {}).get(adapter, False):
             return "DoRA with lora_bias", None
         mag_layer = mods["lora_magnitude_vector"]._modules.get(adapter)
@@ -265,10 +263,10 @@ class _FastLoraQuantMixin:
         if reason is not None:
             self._fastlora_fallback(reason)
             return self._peft_class.forward(self, x, *args, **kwargs)
-        adapter, base, qweight, lora_A, lora_B, dropout, _ = parts  # DoRA: PEFT's forward (refused above)
+        adapter, base, qweight, lora_A, lora_B, dropout, magnitude = parts
         dtype = getattr(base, "compute_dtype", None) or x.dtype
         y = _fused(self, x if x.dtype == dtype else x.to(dtype), adapter, base, qweight, lora_A, lora_B, dropout,
-                   dtype)
+                   dtype, magnitude)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     _fastlora_fallback = FastLoraPeftLinear._fastlora_fallback
@@ -300,14 +298,11 @@ def _quant_classes():
 
 def _configured_fallback(layer):
     """Why a patched layer, as configured now, would run PEFT's forward at every call (None: fused)."""
-    quantized = type(layer) is not FastLoraPeftLinear
     for adapter in layer.active_adapters:
         dora = getattr(layer, "use_dora", {}).get(adapter, False)
         variant = getattr(layer, "lora_variant", {}).get(adapter)
         if variant is not None and not (dora and _is_dora_variant(variant)):
             return f"LoRA variant {type(variant).__name__}"
-        if dora and quantized:
-            return "DoRA on a quantized base (fastlora fuses DoRA for plain weights only)"
         if dora and getattr(layer, "lora_bias", {}).get(adapter, False):
             return "DoRA with lora_bias"
     if layer.merged:

@@ -219,8 +219,9 @@ def test_dora_layers_run_fused_and_match_peft(backend, device, kind):
         break
 
 
-def test_dora_on_quantized_or_lora_bias_layers_keeps_peft_forward():
-    """What fastlora does not fuse for DoRA, reported when patching and at call time."""
+def test_dora_with_lora_bias_keeps_peft_forward():
+    """What fastlora does not fuse for DoRA (lora_bias; DoRA on a quantized base runs fused,
+    tests/test_qlora.py), reported when patching and at call time."""
     pm = peft_model("llama", p=0.0, use_dora=True)
     layer = lora_layers(pm)[0]
     layer.lora_bias["default"] = True  # PEFT's config refuses lora_bias with DoRA; set by hand
