@@ -83,40 +83,54 @@ KERNELS = {
                 "dora": (dict(HAS_BIAS=True, COL_SCALE=True, STORE_Z=True, BLOCK_R=R_GEMM), "fp32", "fp32",
                          None)}),
     "bwd_dy": (_BWD._lora_bwd_dy_kernel,
-               dict(dy_ptr="T", b_ptr="F", s_ptr="A", ds_ptr="A", db_ptr="A", scale_ptr="A"),
-               ("stride_dyn", "stride_br", "stride_sr", "stride_dsr", "stride_dbr"), ("dy", "B"),
-               {"heavy": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=True, EVEN_N=False, BLOCK_R=R_MAX),
+               dict(dy_ptr="T", b_ptr="F", s_ptr="A", ds_ptr="A", db_ptr="A", scale_ptr="A", g_ptr="A", z_ptr="T",
+                    cs_ptr="A"),
+               ("stride_dyn", "stride_br", "stride_sr", "stride_dsr", "stride_dbr", "stride_zn"), ("dy", "B"),
+               {"heavy": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=True, EVEN_N=False, COL_SCALE=False, COLSUM=False, BLOCK_R=R_MAX),
                           "fp32", "fp32", None),
-                "heavy-r16": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=True, EVEN_N=False, BLOCK_R=16),
+                "heavy-r16": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=True, EVEN_N=False, COL_SCALE=False, COLSUM=False, BLOCK_R=16),
                               "fp32", "fp32", None),
-                "heavy-r32": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=True, EVEN_N=False, BLOCK_R=32),
+                "heavy-r32": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=True, EVEN_N=False, COL_SCALE=False, COLSUM=False, BLOCK_R=32),
                               "fp32", "fp32", None),
-                "even": (dict(COMPUTE_DS=True, COMPUTE_DB=False, ATOMIC_DS=False, EVEN_N=True, BLOCK_R=16),
-                         "T", "T", None)}),
+                "even": (dict(COMPUTE_DS=True, COMPUTE_DB=False, ATOMIC_DS=False, EVEN_N=True, COL_SCALE=False, COLSUM=False, BLOCK_R=16),
+                         "T", "T", None),
+                # DoRA's fused backward: dy ⊙ g as the tile loads, and Σ dy ⊙ z from the same tiles
+                "dora": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=False, EVEN_N=False, COL_SCALE=True,
+                              COLSUM=True, BLOCK_R=16), "fp32", "fp32", None),
+                "dora-r64": (dict(COMPUTE_DS=True, COMPUTE_DB=True, ATOMIC_DS=True, EVEN_N=False, COL_SCALE=True,
+                                  COLSUM=True, BLOCK_R=R_MAX), "fp32", "fp32", None),
+                "dora-even": (dict(COMPUTE_DS=True, COMPUTE_DB=False, ATOMIC_DS=False, EVEN_N=True, COL_SCALE=True,
+                                   COLSUM=True, BLOCK_R=16), "T", "T", None)}),
     "bwd_dx": (_BWD._lora_bwd_dx_kernel,
-               dict(dy_ptr="T", w_ptr="T", ds_ptr="A", a_ptr="F", dx_ptr="T", seed_ptr="i64"),
+               dict(dy_ptr="T", w_ptr="T", ds_ptr="A", a_ptr="F", dx_ptr="T", seed_ptr="i64", g_ptr="A"),
                ("stride_dyn", "stride_wk", "stride_dsr", "stride_ak", "stride_dxk"), ("dy", "W"),
-               {"heavy": (dict(HAS_DROPOUT=True, EVEN_N=False, BLOCK_R=R_GEMM), "fp32", "fp32", None),
-                "even": (dict(HAS_DROPOUT=True, EVEN_N=True, BLOCK_R=R_GEMM), "T", "T", None),
-                "trans": (dict(HAS_DROPOUT=True, EVEN_N=False, BLOCK_R=R_GEMM), "fp32", "fp32",
-                          ("stride_dyn", "stride_wn", "stride_dsr", "stride_ak", "stride_dxk"))}),
+               {"heavy": (dict(HAS_DROPOUT=True, EVEN_N=False, COL_SCALE=False, BLOCK_R=R_GEMM), "fp32", "fp32", None),
+                "even": (dict(HAS_DROPOUT=True, EVEN_N=True, COL_SCALE=False, BLOCK_R=R_GEMM), "T", "T", None),
+                "trans": (dict(HAS_DROPOUT=True, EVEN_N=False, COL_SCALE=False, BLOCK_R=R_GEMM), "fp32", "fp32",
+                          ("stride_dyn", "stride_wn", "stride_dsr", "stride_ak", "stride_dxk")),
+                # DoRA: the dy tile scaled by g in the main loop (dz = dy ⊙ g never stored)
+                "dora": (dict(HAS_DROPOUT=True, EVEN_N=False, COL_SCALE=True, BLOCK_R=R_GEMM), "fp32", "fp32", None),
+                "dora-even": (dict(HAS_DROPOUT=True, EVEN_N=True, COL_SCALE=True, BLOCK_R=R_GEMM), "T", "T", None)}),
     "bwd_da": (_BWD._lora_bwd_da_kernel,
                dict(ds_ptr="A", x_ptr="T", da_ptr="A", seed_ptr="i64", s_ptr="A", dy_ptr="T", db_ptr="A",
-                    scale_ptr="A", a_ptr="F", dx_ptr="T"),
+                    scale_ptr="A", a_ptr="F", dx_ptr="T", g_ptr="A"),
                ("stride_dsr", "stride_xk", "stride_dak", "stride_sr", "stride_dyn", "stride_dbr", "stride_ak",
                 "stride_dxk"), ("dS", "x"),
-               {"heavy": (dict(DO_DA=True, DO_DB=False, ADD_DX=False, HAS_DROPOUT=True, ATOMIC=True, BLOCK_R=R_MAX),
+               {"heavy": (dict(DO_DA=True, DO_DB=False, ADD_DX=False, HAS_DROPOUT=True, COL_SCALE=False, ATOMIC=True, BLOCK_R=R_MAX),
                           "fp32", "fp32", None),
-                "heavy-r16": (dict(DO_DA=True, DO_DB=False, ADD_DX=False, HAS_DROPOUT=True, ATOMIC=True, BLOCK_R=16),
+                "heavy-r16": (dict(DO_DA=True, DO_DB=False, ADD_DX=False, HAS_DROPOUT=True, COL_SCALE=False, ATOMIC=True, BLOCK_R=16),
                               "fp32", "fp32", None),
-                "heavy-r32": (dict(DO_DA=True, DO_DB=False, ADD_DX=False, HAS_DROPOUT=True, ATOMIC=True, BLOCK_R=32),
+                "heavy-r32": (dict(DO_DA=True, DO_DB=False, ADD_DX=False, HAS_DROPOUT=True, COL_SCALE=False, ATOMIC=True, BLOCK_R=32),
                               "fp32", "fp32", None),
-                "even": (dict(DO_DA=True, DO_DB=True, ADD_DX=False, HAS_DROPOUT=True, ATOMIC=False, BLOCK_R=16),
+                "even": (dict(DO_DA=True, DO_DB=True, ADD_DX=False, HAS_DROPOUT=True, COL_SCALE=False, ATOMIC=False, BLOCK_R=16),
                          "T", "T", None),
-                "hybrid": (dict(DO_DA=True, DO_DB=False, ADD_DX=True, HAS_DROPOUT=True, ATOMIC=True, BLOCK_R=16),
+                "hybrid": (dict(DO_DA=True, DO_DB=False, ADD_DX=True, HAS_DROPOUT=True, COL_SCALE=False, ATOMIC=True, BLOCK_R=16),
                            "fp32", "fp32", None),
-                "hybrid-r32": (dict(DO_DA=True, DO_DB=False, ADD_DX=True, HAS_DROPOUT=True, ATOMIC=True,
-                                    BLOCK_R=configs.MAX_FULL_RANK), "fp32", "fp32", None)}),
+                "hybrid-r32": (dict(DO_DA=True, DO_DB=False, ADD_DX=True, HAS_DROPOUT=True, COL_SCALE=False, ATOMIC=True,
+                                    BLOCK_R=configs.MAX_FULL_RANK), "fp32", "fp32", None),
+                # DoRA, deterministic mode: dB = s·Sᵀ·(dy ⊙ g) with g on the dy tile
+                "dora-even": (dict(DO_DA=True, DO_DB=True, ADD_DX=False, HAS_DROPOUT=True, COL_SCALE=True,
+                                   ATOMIC=False, BLOCK_R=16), "T", "T", None)}),
     # QLoRA: the dequantization kernels (one tile per program, no loop: the gates check their
     # loads and stores are 16-byte vectors instead)
     "dequant_4bit": (_DQ._dequant_4bit_kernel,
@@ -287,7 +301,8 @@ def compile_config(kernel, arch, dtype, cfg, variant="heavy"):
     acc = "fp64" if dtype == "fp64" else "fp32"
     adapter = dtype if adapter == "T" or dtype == "fp64" else adapter
     lora = dtype if lora == "T" or dtype == "fp64" else lora
-    meta = {**{k: v for k, v in cfg.kwargs.items() if k != "SPLIT"}, **constexpr_variant}
+    meta = {**{k: v for k, v in cfg.kwargs.items() if k != "SPLIT"}, **constexpr_variant,
+            "NUM_STAGES": cfg.num_stages}  # as launch.py passes it
     # fp32 matmuls: ieee (torch's default) in every variant but "even", which takes tf32
     tf32 = variant == "even"
     meta["DOT_PRECISION"] = "tf32" if dtype == "fp32" and tf32 else "ieee"
@@ -375,7 +390,7 @@ def shipped(arches=(80, 86, 90, 120), dtypes=("bf16", "fp16"), ci=False):
                     if ci and dtype in ("fp16", "fp64") and variant != "heavy":
                         continue
                     for cfg in configs.configs_for(kernel, family(arch), _ITEMSIZE[dtype], meta["BLOCK_R"],
-                                                   meta.get("ADD_DX", False), meta.get("STORE_Z", False)):
+                                                   meta.get("ADD_DX", False), configs.is_dora(meta)):
                         yield kernel, arch, dtype, cfg, variant
 
 

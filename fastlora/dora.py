@@ -6,13 +6,15 @@ Math (PEFT ``peft/tuners/lora/dora.py``; kernels/dora.py has the full derivation
     y = g ⊙ z + b
     dz = dy ⊙ g → LoRA's backward (dx, dA, dB)     dm = Σ_M dy ⊙ z / n    db = Σ_M dy
 
-Two ``torch.library`` operators (opaque to ``torch.compile``, fake implementations for tracing):
+``torch.library`` operators (opaque to ``torch.compile``, fake implementations for tracing):
 ``fastlora::dora_linear_fwd`` (the row norm, then LoRA's forward with DoRA's epilogue: g and the
-bias applied to the GEMM's accumulator, z stored only when the magnitude needs a gradient) and
-``fastlora::dora_dy`` (dz and dm's column sums from one read of dy and z); the backward then runs
-LoRA's ``fastlora::lora_linear_bwd`` on dz. Both dispatch like LoRA's: the torch path (CPU, old
-GPUs) or the Triton kernels, there the fused or the hybrid path (fastlora/dispatch.py measures
-which, keyed with "dora").
+bias applied to the GEMM's accumulator, z stored only when the magnitude needs a gradient),
+``fastlora::dora_linear_bwd`` (LoRA's backward on dz = dy ⊙ g and dm's column sums Σ dy ⊙ z: on
+the fused Triton path g is applied to the dy tiles as LoRA's backward kernels load them and B1
+sums dy ⊙ z, so no dz tensor exists) and ``fastlora::dora_dy`` (dz and the sums from one read of
+dy and z: the torch path, the hybrid path's dz for cuBLAS, a trainable W). All dispatch like
+LoRA's: the torch path (CPU, old GPUs) or the Triton kernels, there the fused or the hybrid path
+(fastlora/dispatch.py measures which, keyed with "dora").
 
 Saved for backward: what LoRA saves (x, S fp32, the seed) plus z ``[M, N]`` in the compute dtype
 (only if the magnitude requires grad) and n ``[N]``: PEFT keeps several M×N tensors (the base and
@@ -163,8 +165,56 @@ def _(dy, z, g, backend, scale_dy, colsum):
     return dy.new_empty(dy.shape if scale_dy else (0,)), g.new_empty(g.shape if colsum else (0,))
 
 
-_OPERATORS = {"dora_linear_fwd": dora_linear_fwd, "dora_dy": dora_dy}
-_IMPLS = {"dora_linear_fwd": forward_impl, "dora_dy": dy_impl}
+def bwd_impl(dy, z, g, x, weight, lora_A, lora_B, S, mask, scaling, scale, seed, keep_thresh, keep_scale, need_dx,
+             need_dA, need_dB, need_dm, lora_dtype, backend, path):
+    """The body of ``fastlora::dora_linear_bwd``: ``(dx, dAB, colsum)``, dx and dAB as
+    ``fastlora::lora_linear_bwd``'s for ``dz = dy ⊙ g``, colsum ``Σ_M dy ⊙ z`` ``[N]`` in g's
+    dtype (each empty where not needed). Torch path: D2's torch form, then LoRA's backward on dz;
+    Triton: :func:`fastlora.kernels.lora_backward.dora_linear_bwd` (no dz on the fused path)."""
+    need_lora = need_dx or need_dA or need_dB
+    if (backend or select_backend(dy.device, dy.dtype, lora_dtype)[0]) == "torch":
+        dz, cs = dy_impl(dy, z, g, "torch", need_lora, need_dm)
+        dx = dAB = None
+        if need_lora:
+            dx, dAB = ops.backward_impl(dz, x, weight, lora_A, lora_B, S, mask, scaling, scale, seed, keep_thresh,
+                                        keep_scale, need_dx, need_dA, need_dB, lora_dtype, "torch", "")
+        return (dx if dx is not None else x.new_empty(0), dAB if dAB is not None else S.new_empty(0), cs)
+    s = ops.scale_tensor(scaling, scale, x.device, S.dtype)
+
+    def run(p):
+        with ops._no_autocast(x.device.type):  # the hybrid path's cuBLAS GEMM: the call's own dtypes
+            return kernels().dora_linear_bwd(dy, z, g, x, weight, lora_A, lora_B, S, s, seed, keep_thresh, keep_scale,
+                                             need_dx, need_dA, need_dB, need_dm, lora_dtype=lora_dtype, path=p)
+
+    extra = ("dora", "dx" * need_dx + "dA" * need_dA + "dB" * need_dB + "dm" * need_dm)
+    path = ops._path("bwd", x, weight, lora_A, lora_dtype, False, seed, path,
+                     {p: functools.partial(run, p) for p in dispatch.PATHS}, extra)
+    dx, dAB, cs = run(path)
+    return (dx if dx is not None else x.new_empty(0), dAB if dAB is not None else S.new_empty(0),
+            cs if cs is not None else g.new_empty(0))
+
+
+@torch.library.custom_op("fastlora::dora_linear_bwd", mutates_args=())
+def dora_linear_bwd(dy: Tensor, z: Tensor, g: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                    S: Tensor, mask: Tensor, scaling: float, scale: Optional[Tensor], seed: Optional[Tensor],
+                    keep_thresh: int, keep_scale: float, need_dx: bool, need_dA: bool, need_dB: bool, need_dm: bool,
+                    lora_dtype: torch.dtype, backend: str, path: str) -> tuple[Tensor, Tensor, Tensor]:
+    """DoRA's backward given dy ``[M, N]``: ``(dx [M, K] in x's dtype, dAB (dB [N, r] then dA
+    [r, K], flat, in S's dtype), Σ_M dy ⊙ z [N] in g's dtype)``, each empty where not needed."""
+    return bwd_impl(dy, z, g, x, weight, lora_A, lora_B, S, mask, scaling, scale, seed, keep_thresh, keep_scale,
+                    need_dx, need_dA, need_dB, need_dm, lora_dtype, backend, path)
+
+
+@dora_linear_bwd.register_fake
+def _(dy, z, g, x, weight, lora_A, lora_B, S, mask, scaling, scale, seed, keep_thresh, keep_scale, need_dx, need_dA,
+      need_dB, need_dm, lora_dtype, backend, path):
+    (N, R), K = lora_B.shape, x.shape[1]
+    return (x.new_empty(x.shape if need_dx else (0,)), S.new_empty((N * R * need_dB + R * K * need_dA,)),
+            g.new_empty(g.shape if need_dm else (0,)))
+
+
+_OPERATORS = {"dora_linear_fwd": dora_linear_fwd, "dora_dy": dora_dy, "dora_linear_bwd": dora_linear_bwd}
+_IMPLS = {"dora_linear_fwd": forward_impl, "dora_dy": dy_impl, "dora_linear_bwd": bwd_impl}
 
 
 def _op(name):
@@ -223,7 +273,6 @@ def _backward(ctx, dy, *_):
     if dy.dtype != input.dtype:
         dy = dy.to(input.dtype)
     dx = dW = dA = dB = dm = db = None
-    need_dz = need_dx or need_dW or need_dA or need_dB
     if M == 0:
         dx = torch.zeros_like(x) if need_dx else None
         dA = torch.zeros_like(lora_A) if need_dA else None
@@ -232,17 +281,26 @@ def _backward(ctx, dy, *_):
         dW = torch.zeros_like(weight) if need_dW else None
     else:
         g = magnitude.detach().to(norm.dtype) / norm
-        dz, colsum = _op("dora_dy")(dy, z, g, ctx.backend, bool(need_dz), bool(need_dm))
-        if need_dm:
-            dm = (colsum / norm).to(magnitude.dtype)
-        if need_dx or need_dA or need_dB:
-            dx, dA, dB = ops.backward(dz, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t, *ctx.keep,
-                                      need_dx, need_dA, need_dB, ctx.lora_dtype, ctx.backend, "")
-            dA = dA.to(lora_A.dtype) if dA is not None else None
-            dB = dB.to(lora_B.dtype) if dB is not None else None
-        if need_dW:
+        if need_dW:  # a trainable base weight (rare): dW = dzᵀ·x needs dz itself
+            dz, colsum = _op("dora_dy")(dy, z, g, ctx.backend, True, bool(need_dm))
             with torch.autocast(input.device.type, enabled=False):
                 dW = (dz.t() @ x).to(weight.dtype)
+            if need_dx or need_dA or need_dB:
+                dx, dA, dB = ops.backward(dz, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t,
+                                          *ctx.keep, need_dx, need_dA, need_dB, ctx.lora_dtype, ctx.backend, "")
+        else:
+            dx, dAB, colsum = _op("dora_linear_bwd")(
+                dy, z, g, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t, *ctx.keep, bool(need_dx),
+                bool(need_dA), bool(need_dB), bool(need_dm), ctx.lora_dtype, ctx.backend, "")
+            R = lora_A.shape[0]
+            n_db = N * R if need_dB else 0
+            dA = dAB[n_db:].view(R, K) if need_dA else None
+            dB = dAB[:n_db].view(N, R) if need_dB else None
+            dx = dx if need_dx else None
+        if need_dm:
+            dm = (colsum / norm).to(magnitude.dtype)
+        dA = dA.to(lora_A.dtype) if dA is not None else None
+        dB = dB.to(lora_B.dtype) if dB is not None else None
     if need_db:
         with torch.autocast(input.device.type, enabled=False):
             db = dy.sum(0).to(ctx.bias_dtype)

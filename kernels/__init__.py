@@ -36,11 +36,11 @@ if _other is not None:
 else:
     from . import configs, dequant, dora
     from .launch import LAUNCH_COUNTS, is_interpreted
-    from .lora_backward import lora_linear_bwd
+    from .lora_backward import dora_linear_bwd, lora_linear_bwd
     from .lora_forward import _lora_shrink_kernel, lora_linear_fwd
 
     INTERPRETED = is_interpreted(_lora_shrink_kernel)
     PATHS = ("fused", "hybrid")
 
-    __all__ = ["dequant", "dora", "lora_linear_fwd", "lora_linear_bwd", "LAUNCH_COUNTS", "INTERPRETED", "PATHS",
+    __all__ = ["dequant", "dora", "lora_linear_fwd", "lora_linear_bwd", "dora_linear_bwd", "LAUNCH_COUNTS", "INTERPRETED", "PATHS",
                "configs"]

@@ -98,6 +98,15 @@ _DX_16 = {
 # BLOCK_N) spilled 8 B: 128x128x32/8 warps bf16 on sm_120 (255 registers without it already),
 # 32x64x32/4 warps fp32 on sm_86 (ptxas capped it at 128 registers)
 _DORA_FWD_DROP = {("sm86", 2): {(128, 128)}, ("sm86", 4): {(32, 64)}}
+# B1 with DoRA's sums (COLSUM: a z tile staged beside dy's, both widened to fp32): (BLOCK_M,
+# BLOCK_N) rows that spilled when compiled (bench/kernel_resources.py, triton 3.9): 128x64 / 8 warps
+# bf16 on sm_80 (16 B), sm_86 (24 B) and sm_120 (40 B); fp32 64x16 on sm_80 (4 B, r 16) and sm_90
+# (12 B, r 64)
+# B2 with DoRA's g on the dy tile (COL_SCALE: dy widened, scaled and rounded in registers before
+# the MMA): 128x64x32 / 8 warps bf16 on sm_86 spilled 4 B (ptxas held it at 128 registers)
+_DORA_DX_DROP = {("sm86", 2): {(128, 64)}}
+_DORA_DY_DROP = {("sm80", 2): {(128, 64)}, ("sm86", 2): {(128, 64)}, ("sm80", 4): {(64, 16)},
+                 ("sm90", 4): {(64, 16)}, ("sm86", 4): {(64, 16)}}
 # fp32 operands: tf32 tensor cores when torch allows them, FMA units otherwise (torch's default),
 # whose operands and accumulators live in registers: small tiles.
 _GEMM_32 = [(64, 64, 32, 8, 3), (64, 64, 16, 4, 4), (32, 64, 32, 4, 3)]  # sm_120: 64x64x32/4 warps spilled
@@ -159,19 +168,30 @@ _ACC_TILE = 8192
 _FULL_RANK_TILE = 2048
 
 
+def is_dora(meta):
+    """Whether a launch's constexprs select a DoRA variant, whose register needs differ: the column
+    scale g (COL_SCALE: the forward's epilogue, the backward's dy tiles), the forward GEMM storing
+    z (STORE_Z), the dS pass summing dy ⊙ z (COLSUM)."""
+    return bool(meta.get("STORE_Z") or meta.get("COLSUM") or meta.get("COL_SCALE"))
+
+
 def configs_for(kernel, arch, itemsize, block_r=16, add_dx=False, dora=False):
     """``triton.Config`` list of ``kernel`` for an arch family, compute itemsize and rank block
     (no grid split): the candidates a launch times, and what the compile-only gates check.
-    ``add_dx``: the hybrid dA pass; ``dora``: the forward GEMM with DoRA's epilogue (STORE_Z)."""
+    ``add_dx``: the hybrid dA pass; ``dora``: :func:`is_dora` (drops the rows that spilled with
+    DoRA's extra work, per kernel: _DORA_FWD_DROP, _DORA_DX_DROP, _DORA_DY_DROP)."""
     if kernel in _GEMM_NAMES:
         table = _FWD_16 if kernel == "fwd" else _DX_16
         rows = {2: table[arch], 4: _GEMM_32, 8: _GEMM_64}[itemsize]
-        if dora and kernel == "fwd":
-            rows = [row for row in rows if row[:2] not in _DORA_FWD_DROP.get((arch, itemsize), ())]
+        if dora:
+            drop = (_DORA_FWD_DROP if kernel == "fwd" else _DORA_DX_DROP).get((arch, itemsize), ())
+            rows = [row for row in rows if row[:2] not in drop] or rows
         return _gemm(rows, _GEMM_NAMES[kernel])
     if kernel == "expand":
         return [_c(w, s, BLOCK_M=m, BLOCK_N=n, GROUP_M=8) for m, n, w, s in _EXPAND[itemsize]]
     rows = {2: _STREAM_16[kernel][arch], 4: _STREAM_32, 8: _STREAM_64}[itemsize]
+    if dora and kernel == "bwd_dy":
+        rows = [row for row in rows if row[:2] not in _DORA_DY_DROP.get((arch, itemsize), ())] or rows
     cands = _stream(rows, _RED[kernel])
     if add_dx:
         fit = [c for c in cands if block_r * c.kwargs["BLOCK_K"] <= _FULL_RANK_TILE
@@ -232,8 +252,7 @@ def _with_splits(cfg, splits):
 def candidates(kernel, arch, itemsize, args, device):
     """The configs a launch of ``kernel`` with arguments ``args`` may take, first = the fixed
     choice (deterministic mode, ``FASTLORA_AUTOTUNE=0``, CUDA-graph capture of a new key)."""
-    cands = configs_for(kernel, arch, itemsize, args.get("BLOCK_R", 16), bool(args.get("ADD_DX")),
-                        bool(args.get("STORE_Z")))
+    cands = configs_for(kernel, arch, itemsize, args.get("BLOCK_R", 16), bool(args.get("ADD_DX")), is_dora(args))
     M = args["M_KEY"]
     keep = [c for c in cands if c.kwargs["BLOCK_M"] <= max(M, 16) * 2]  # tiles far taller than M waste
     cands = keep or cands[-1:]

@@ -26,10 +26,17 @@ D1  row norm      n = ‖W + s·B·A‖ per row, in one pass over W: each progra
                   COL_SCALE / STORE_Z): the GEMM (fused path) or the rank-r update (hybrid
                   path) stores z (rounded to T) and writes ``g ⊙ acc + b``: no pass over y of
                   its own.
-D2  dy pass       one read of dy and z: ``dz = dy ⊙ g`` (rounded to T, the operand of LoRA's
-    grid (cdiv(N, BLOCK_N), SPLIT)  backward) and the column sums ``Σ dy ⊙ z`` of each program's
-                  row slab (fp32 partials [SPLIT, N], summed by torch: no atomics, so
-                  deterministic); dm needs no GEMM.
+backward, fused path: LoRA's B1-B3 (kernels/lora_backward.py, COL_SCALE / COLSUM) read dy and
+                  scale each tile by g as it loads (``dz = dy ⊙ g`` rounded to T, as a stored dz
+                  would be; never written), and B1, which walks all of N for its row block, also
+                  reads z and writes that block's column sums of ``dy ⊙ z`` (fp32 partials
+                  [cdiv(M, BLOCK_M), N], summed by torch: no atomics). dm needs no GEMM and no
+                  pass of its own.
+D2  dy pass       one read of dy and z: ``dz = dy ⊙ g`` (rounded to T) and the column sums
+    grid (cdiv(N, BLOCK_N), SPLIT)  ``Σ dy ⊙ z`` of each program's row slab (fp32 partials [SPLIT,
+                  N], summed by torch: deterministic). Runs only where the fused backward cannot
+                  fold: the hybrid path when dx is needed (cuBLAS's ``dz·W`` reads dz), a trainable
+                  W (dW = dzᵀ·x), and the sums alone when only the magnitude needs a gradient.
 
 Saved for backward beyond LoRA's (x, S, the seed): z ``[M, N]`` in T (only when m needs its
 gradient) and n ``[N]``. Dropout: the mask touches the LoRA branch only (the paper's and the

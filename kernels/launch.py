@@ -236,6 +236,8 @@ def launch(name, raw_fn, grid, device, itemsize, args, outputs=None, fixed=False
     def run(meta, warps_stages, outs):
         full = {**args, **outs, **meta}
         full.update(configs.derived_meta(name, full))
+        if "NUM_STAGES" in names:  # kernels that state their loop's stage count (num_stages, or 1 interpreted)
+            full["NUM_STAGES"] = warps_stages.get("num_stages", 1)
         kernel_args = {k: v for k, v in full.items() if k in names}
         raw_fn[grid(full)](**kernel_args, **warps_stages)
 

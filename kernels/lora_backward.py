@@ -31,6 +31,13 @@ Under ``torch.use_deterministic_algorithms(True)``: no atomics anywhere; B1 runs
 dB, B3 runs one slab and computes dA and dB (second read of dy) with plain stores, so every bit
 is reproducible (every launch also takes one fixed config).
 
+DoRA (kernels/dora.py; :func:`dora_linear_bwd`): the same launches on ``dz = dy ⊙ g``, with no dz
+tensor on the fused path: B1, B2 and B3's deterministic dB scale each dy tile by g as it loads
+(COL_SCALE; rounded to dy's dtype, so the results equal those of a stored dz), and B1 also reads
+the forward's z and writes its row block's column sums of ``dy ⊙ z`` for the magnitude's gradient
+(COLSUM; [cdiv(M, BLOCK_M), N] fp32 partials, first rank block only). The hybrid path's cuBLAS dx
+reads dz itself: there kernels/dora.py's D2 writes it.
+
 The workspace [dB | dA] is one flat fp32 buffer: one memset serves both atomic reductions.
 Skipped on demand: B1 computes only what is asked (dS needs dx or dA), B2 runs only if the
 input needs a grad, B3 only if lora_A's grad (or, deterministically, lora_B's) is needed, or on
@@ -53,18 +60,20 @@ from .tiling import grouped_tile
 @triton.jit(do_not_specialize=["M", "M_KEY"])
 def _lora_bwd_dy_kernel(
     # pointers
-    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, scale_ptr,
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, scale_ptr, g_ptr, z_ptr, cs_ptr,
     # sizes
     M, N, R, N_PER_SPLIT,
     # strides
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-    stride_dsm, stride_dsr, stride_dbn, stride_dbr,
+    stride_dsm, stride_dsr, stride_dbn, stride_dbr, stride_zm, stride_zn,
     # scalars
     M_KEY,  # bucketed M: tuning key only
     # meta-parameters
     COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, ATOMIC_DS: tl.constexpr, EVEN_N: tl.constexpr,
+    COL_SCALE: tl.constexpr, COLSUM: tl.constexpr,
     LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, PIECES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # the launch's num_stages (launch.py): the N loop's, stated
 ):
     acc_dtype = s_ptr.dtype.element_ty
     scaling = tl.load(scale_ptr).to(acc_dtype)
@@ -95,10 +104,20 @@ def _lora_bwd_dy_kernel(
         # so both products read the one staged copy of the dy tile (dyᵀ·S made sm_80 load it twice)
         s0, s1, s2 = split(tl.trans(s), LORA_DTYPE, PIECES)
         db_ptrs = db_ptr + r_start * stride_dbr + rn[None, :] * stride_dbn + rr[:, None] * stride_dbr
+    if COLSUM:
+        # DoRA's Σ_M dy ⊙ z: this row block's column sums, [cdiv(M, BLOCK_M), N] partials, written
+        # by the first rank block only (the others do not read z)
+        z_ptrs = z_ptr + tl.cast(m_start, tl.int64) * stride_zm + rm[:, None] * stride_zm + rn[None, :] * stride_zn
+        cs_ptrs = cs_ptr + tl.cast(pid_m, tl.int64) * N + rn
+        # rows / columns this program sums: all for the first rank block, none for the others
+        z_rows = rm < tl.where(pid_r == 0, M - m_start, 0)
+        cs_cols = tl.where(pid_r == 0, N, 0)
     # -- N loop, from a row-block-dependent start: one read of dy feeds dS and the partial dB ---
     first = pid_m % n_blocks
     acc_ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=acc_dtype)
-    for i in range(0, n_blocks):
+    # The stage count stated on the loop makes Triton's pipeliner also stage the z tile, which
+    # feeds no dot (with a plain range it stayed a synchronous load in the SASS)
+    for i in tl.range(0, n_blocks, num_stages=NUM_STAGES):
         j = i + first
         j = tl.where(j >= n_blocks, j - n_blocks, j)
         n0 = n_begin + j * BLOCK_N
@@ -107,7 +126,16 @@ def _lora_bwd_dy_kernel(
         else:
             mask_n = rn < n_end - n0
         dy = tl.load(dy_ptrs + tl.cast(n0, tl.int64) * stride_dyn, mask=mask_m[:, None] & mask_n[None, :],
-                     other=0.0).to(LORA_DTYPE)
+                     other=0.0)
+        if COLSUM:
+            z = tl.load(z_ptrs + tl.cast(n0, tl.int64) * stride_zn,
+                        mask=z_rows[:, None] & mask_n[None, :], other=0.0)
+            tl.store(cs_ptrs + n0, tl.sum(dy.to(acc_dtype) * z.to(acc_dtype), axis=0),
+                     mask=mask_n & (rn < cs_cols - n0))
+        if COL_SCALE:  # DoRA: dz = dy ⊙ g, rounded to dy's dtype as the unfused dz would be
+            g = tl.load(g_ptr + n0 + rn, mask=mask_n, other=0.0)
+            dy = (dy.to(acc_dtype) * g[None, :]).to(dy_ptr.dtype.element_ty)
+        dy = dy.to(LORA_DTYPE)
         if COMPUTE_DS:
             b = tl.load(b_ptrs + tl.cast(n0, tl.int64) * stride_bn, mask=mask_n[:, None] & mask_r[None, :],
                         other=0.0)
@@ -131,7 +159,7 @@ def _lora_bwd_dy_kernel(
 @triton.jit(do_not_specialize=["M", "M_KEY"])
 def _lora_bwd_dx_kernel(
     # pointers
-    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr,
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr, seed_ptr, g_ptr,
     # sizes
     M, N, K, R,
     # strides
@@ -141,7 +169,7 @@ def _lora_bwd_dx_kernel(
     keep_thresh, keep_scale,
     M_KEY,  # bucketed M: tuning key only
     # meta-parameters
-    HAS_DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, COL_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     EPI_DTYPE: tl.constexpr, EPI_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -182,6 +210,12 @@ def _lora_bwd_dx_kernel(
             mask_n = rn < N - n0
             dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if COL_SCALE:  # DoRA: the operand is dz = dy ⊙ g, rounded to dy's dtype (as unfused)
+            if EVEN_N:
+                g = tl.load(g_ptr + n0 + rn)
+            else:
+                g = tl.load(g_ptr + n0 + rn, mask=rn < N - n0, other=0.0)
+            dy = (dy.to(acc_dtype) * g[None, :]).to(dy_ptr.dtype.element_ty)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
         dy_ptrs += dy_step
         w_ptrs += w_step
@@ -207,12 +241,12 @@ def _lora_bwd_dx_kernel(
 
 
 @triton.jit
-def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, C, R,
+def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, col_ptr, C, R,
                  stride_gm, stride_gr, stride_vm, stride_vc, stride_or, stride_oc,
                  stride_ar, stride_ak, stride_dxm, stride_dxk,
                  keep_thresh, keep_scale, pid_c, pid_r, m_begin, m_end,
                  REDUCE: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
-                 ADD_DX: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
+                 ADD_DX: tl.constexpr, COL_SCALE: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
                  PIECES: tl.constexpr, EPI_DTYPE: tl.constexpr, EPI_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """``out[r, c] (+)= scale · Σ_{m in [m_begin, m_end)} G[m, r]·(mask ⊙ V)[m, c]`` for one
@@ -222,7 +256,8 @@ def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, C, R
     (a transposed second use made the pipeliner load it again, synchronously, in the SASS);
     without, ``Gᵀ·V`` (Vᵀ as an mma.sync A operand is reloaded synchronously on sm_80). With ``ADD_DX`` (hybrid path; BLOCK_R covers all of r) also
     ``dx[m, c] += mask ⊙ (G·A)[m, c]`` on the same rows and columns, with the same mask;
-    ``REDUCE=False`` skips the reduction (dx's term only)."""
+    ``REDUCE=False`` skips the reduction (dx's term only). ``COL_SCALE``: V's columns are scaled
+    by ``col[c]`` as they load, rounded back to V's dtype (DoRA's dz = dy ⊙ g)."""
     acc_dtype = g_ptr.dtype.element_ty
     c_start = pid_c * BLOCK_K
     r_start = pid_r * BLOCK_R
@@ -245,6 +280,8 @@ def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, C, R
         dx_step = tl.cast(stride_dxm, tl.int64) * BLOCK_M
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
+    if COL_SCALE:
+        col = tl.load(col_ptr + c_start + rc, mask=mask_c, other=0.0)
     if ADD_DX:
         acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=acc_dtype)
     else:
@@ -253,6 +290,8 @@ def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, C, R
         mask_m = rm < m_end - m0
         g = tl.load(g_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        if COL_SCALE:
+            v = (v.to(acc_dtype) * col[None, :]).to(v_ptr.dtype.element_ty)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, m0 + rm, c_start, keep_thresh, BLOCK_M, BLOCK_K)
         if REDUCE:
@@ -295,7 +334,7 @@ def _rank_reduce(g_ptr, v_ptr, out_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, C, R
 @triton.jit(do_not_specialize=["M", "M_KEY"])
 def _lora_bwd_da_kernel(
     # pointers
-    ds_ptr, x_ptr, da_ptr, seed_ptr, s_ptr, dy_ptr, db_ptr, scale_ptr, a_ptr, dx_ptr,
+    ds_ptr, x_ptr, da_ptr, seed_ptr, s_ptr, dy_ptr, db_ptr, scale_ptr, a_ptr, dx_ptr, g_ptr,
     # sizes
     M, N, K, R,
     # strides
@@ -307,7 +346,7 @@ def _lora_bwd_da_kernel(
     M_KEY,  # bucketed M: tuning key only
     # meta-parameters
     DO_DA: tl.constexpr, DO_DB: tl.constexpr, ADD_DX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ATOMIC: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, PIECES: tl.constexpr,
+    COL_SCALE: tl.constexpr, ATOMIC: tl.constexpr, LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, PIECES: tl.constexpr,
     EPI_DTYPE: tl.constexpr, EPI_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -329,20 +368,20 @@ def _lora_bwd_da_kernel(
     if which == 0:
         # dA[r, k] = Σ_m dS[m, r]·(m ⊙ x)[m, k]  (+ dx[m, k] += m ⊙ (dS·A)[m, k] on the hybrid path)
         if pid_c * BLOCK_K < K:
-            _rank_reduce(ds_ptr, x_ptr, da_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, K, R,
+            _rank_reduce(ds_ptr, x_ptr, da_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, g_ptr, K, R,
                          stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
                          stride_ar, stride_ak, stride_dxm, stride_dxk,
                          keep_thresh, keep_scale, pid_c, pid_r, m_begin, m_end,
-                         DO_DA, HAS_DROPOUT, False, ATOMIC, ADD_DX, LORA_DTYPE, LORA_PRECISION, PIECES, EPI_DTYPE,
+                         DO_DA, HAS_DROPOUT, False, ATOMIC, ADD_DX, False, LORA_DTYPE, LORA_PRECISION, PIECES, EPI_DTYPE,
                          EPI_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
     else:
         # dBᵀ[r, n] = s·Σ_m S[m, r]·dy[m, n], stored through dB's transposed strides
         if pid_c * BLOCK_K < N:
-            _rank_reduce(s_ptr, dy_ptr, db_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, N, R,
+            _rank_reduce(s_ptr, dy_ptr, db_ptr, seed_ptr, scale_ptr, a_ptr, dx_ptr, g_ptr, N, R,
                          stride_sm, stride_sr, stride_dym, stride_dyn, stride_dbr, stride_dbn,
                          stride_ar, stride_ak, stride_dxm, stride_dxk,
                          keep_thresh, keep_scale, pid_c, pid_r, m_begin, m_end,
-                         True, False, True, ATOMIC, False, LORA_DTYPE, LORA_PRECISION, PIECES, EPI_DTYPE,
+                         True, False, True, ATOMIC, False, COL_SCALE, LORA_DTYPE, LORA_PRECISION, PIECES, EPI_DTYPE,
                          EPI_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R)
 
 
@@ -367,6 +406,12 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
     Under ``torch.use_deterministic_algorithms(True)`` no atomics are used and every launch
     takes one fixed config, so results are bitwise reproducible across runs and processes.
     """
+    return _backward(dy, x, weight, lora_A, lora_B, S, scale, seed, keep_thresh, keep_scale, need_dx, need_dA,
+                     need_dB, lora_dtype, path)[:2]
+
+
+def _backward(dy, x, weight, lora_A, lora_B, S, scale, seed, keep_thresh, keep_scale, need_dx, need_dA, need_dB,
+              lora_dtype, path, g=None, z=None, need_colsum=False):
     lora_dtype = lora_dtype or x.dtype
     dy, x, weight, lora_A, lora_B = (tile_addressable(t, n) for t, n in
                                      ((dy, "grad_output"), (x, "input"), (weight, "weight"), (lora_A, "lora_A"),
@@ -387,6 +432,21 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
     stream = stream_lora_args(x.dtype, lora_dtype)
     epi = epilogue_lora_args(x.dtype, lora_dtype)
 
+    # -- DoRA: where g goes (see dora_linear_bwd) ----------------------------------------------
+    colsum = None
+    if g is not None and hybrid and need_dx:  # cuBLAS reads dz: D2 writes it, with the sums
+        from .dora import dora_dy
+        dy, colsum = dora_dy(dy, z, g, scale_dy=True, colsum=need_colsum)
+        g, need_colsum = None, False
+    col_scale = g is not None
+    b1_runs = need_ds or (need_dB and not deterministic)
+    if need_colsum and not b1_runs:
+        from .dora import dora_dy
+        colsum = dora_dy(dy, z, g, scale_dy=False, colsum=True)[1]
+        need_colsum = False
+    g_arg = g if col_scale else dummy
+    z_arg = tile_addressable(z, "z") if need_colsum else dummy.view(1, 1)
+
     # -- workspace [dB | dA]: zeroed for the atomics, or written by plain stores ---------------
     n_db, n_da = N * R * need_dB, R * K * need_dA
     dAB = None
@@ -403,22 +463,27 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
             ds = dummy.view(1, 1)
             if need_ds:
                 ds = (torch.zeros if meta["SPLIT"] > 1 else torch.empty)((M, R), device=device, dtype=acc_dtype)
-            return dict(ds_ptr=ds, db_ptr=(torch.zeros_like(dB_acc) if trial else dB_acc) if b1_db else dummy)
+            cs = torch.empty((cdiv(M, meta["BLOCK_M"]), N), device=device, dtype=acc_dtype) if need_colsum else dummy
+            return dict(ds_ptr=ds, db_ptr=(torch.zeros_like(dB_acc) if trial else dB_acc) if b1_db else dummy,
+                        cs_ptr=cs)
 
         _, outs = launch(
             "bwd_dy", _lora_bwd_dy_kernel,
             lambda a: (cdiv(M, a["BLOCK_M"]), a["SPLIT"], cdiv(R, block_r)), device, itemsize,
-            dict(dy_ptr=dy, b_ptr=lora_B, s_ptr=S, scale_ptr=scale,
+            dict(dy_ptr=dy, b_ptr=lora_B, s_ptr=S, scale_ptr=scale, g_ptr=g_arg, z_ptr=z_arg,
                  M=M, N=N, R=R,
                  stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
                  stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
                  stride_sm=S.stride(0), stride_sr=S.stride(1),
                  stride_dsm=R if need_ds else 1, stride_dsr=1,
                  stride_dbn=dB_acc.stride(0), stride_dbr=dB_acc.stride(1),
-                 M_KEY=mk, COMPUTE_DS=need_ds, COMPUTE_DB=b1_db, BLOCK_R=block_r, DETERMINISTIC=deterministic,
-                 **stream),
+                 stride_zm=z_arg.stride(0), stride_zn=z_arg.stride(1),
+                 M_KEY=mk, COMPUTE_DS=need_ds, COMPUTE_DB=b1_db, COL_SCALE=col_scale, COLSUM=need_colsum,
+                 BLOCK_R=block_r, DETERMINISTIC=deterministic, **stream),
             b1_outputs, fixed=deterministic)
         dS = outs["ds_ptr"]
+        if need_colsum:
+            colsum = outs["cs_ptr"].sum(0)
 
     # -- B2: dx = dy·W + m ⊙ (dS·A) (fused), or dx = dy·W by cuBLAS (hybrid) -------------------
     dx = None
@@ -430,15 +495,15 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
             "bwd_dx", _lora_bwd_dx_kernel,
             lambda a: (cdiv(M, a["BLOCK_M"]) * cdiv(K, a["BLOCK_K"]),), device, itemsize,
             dict(dy_ptr=dy, w_ptr=weight, ds_ptr=dS, a_ptr=lora_A, seed_ptr=seed if has_dropout else dummy,
-                 M=M, N=N, K=K, R=R,
+                 g_ptr=g_arg, M=M, N=N, K=K, R=R,
                  stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
                  stride_wn=weight.stride(0), stride_wk=weight.stride(1),
                  stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
                  stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
                  stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
                  keep_thresh=keep_thresh, keep_scale=keep_scale, M_KEY=mk,
-                 HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(x.dtype), BLOCK_R=configs.GEMM_BLOCK_R,
-                 **epi),
+                 HAS_DROPOUT=has_dropout, COL_SCALE=col_scale, DOT_PRECISION=dot_precision(x.dtype),
+                 BLOCK_R=configs.GEMM_BLOCK_R, **epi),
             lambda meta, trial: dict(dx_ptr=torch.empty_like(dx) if trial else dx), fixed=deterministic)
 
     # -- B3: dA = dSᵀ·(m ⊙ x) (+ dx's LoRA term on the hybrid path); deterministically dB too ----
@@ -459,7 +524,7 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
             "bwd_da", _lora_bwd_da_kernel,
             lambda a: (cdiv(widest, a["BLOCK_K"]), cdiv(R, r_block) * products, a["SPLIT"]), device, itemsize,
             dict(ds_ptr=dS, x_ptr=x, seed_ptr=seed if has_dropout else dummy, s_ptr=S, dy_ptr=dy,
-                 scale_ptr=scale, a_ptr=lora_A,
+                 scale_ptr=scale, a_ptr=lora_A, g_ptr=g_arg,
                  M=M, N=N, K=K, R=R,
                  stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
                  stride_xm=x.stride(0), stride_xk=x.stride(1),
@@ -470,8 +535,31 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
                  stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
                  stride_dxm=dx_arg.stride(0), stride_dxk=dx_arg.stride(1),
                  keep_thresh=keep_thresh, keep_scale=keep_scale, M_KEY=mk,
-                 DO_DA=need_dA, DO_DB=b3_db, ADD_DX=add_dx, HAS_DROPOUT=has_dropout, BLOCK_R=r_block,
+                 DO_DA=need_dA, DO_DB=b3_db, ADD_DX=add_dx, HAS_DROPOUT=has_dropout, COL_SCALE=col_scale and b3_db,
+                 BLOCK_R=r_block,
                  DETERMINISTIC=deterministic, WIDEST=widest, PRODUCTS=products, SM_COUNT=configs.sm_count(device),
                  **stream, **epi),
             b3_outputs, fixed=deterministic)
-    return dx, dAB
+    return dx, dAB, colsum
+
+
+def dora_linear_bwd(dy, z, g, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thresh=0, keep_scale=1.0,
+                    need_dx=True, need_dA=True, need_dB=True, need_dm=True, lora_dtype=None, path="fused"):
+    """DoRA's backward (kernels/dora.py's math): LoRA's B1-B3 on ``dz = dy ⊙ g`` and the
+    magnitude's column sums ``Σ_M dy ⊙ z``, with no dz tensor where the path allows.
+
+    Fused path: every kernel that reads dy scales its tile by g as it loads it (rounded to dy's
+    dtype, as a stored dz would be), and B1, which walks all of N for its row block, also reads
+    z and writes the column sums of ``dy ⊙ z`` per row block ([cdiv(M, BLOCK_M), N] fp32
+    partials, summed by torch: no atomics); D2 then never runs, unless B1 does not (only the
+    magnitude needs a gradient), where D2 computes the sums alone. Hybrid path: cuBLAS's
+    ``dz·W`` needs dz itself, so D2 writes it (and the sums) when dx is needed.
+
+    Args: dy ``[M, N]``, z ``[M, N]`` (T, saved by the forward; unused unless need_dm), g ``[N]``
+    contiguous in S's dtype; the rest as :func:`lora_linear_bwd`.
+
+    Returns: ``(dx, dAB, colsum)``: as :func:`lora_linear_bwd`, and ``Σ_M dy ⊙ z`` ``[N]`` in S's
+    dtype (None unless need_dm).
+    """
+    return _backward(dy, x, weight, lora_A, lora_B, S, scale, seed, keep_thresh, keep_scale, need_dx, need_dA,
+                     need_dB, lora_dtype, path, g=g, z=z, need_colsum=need_dm)

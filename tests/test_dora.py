@@ -114,6 +114,62 @@ def test_every_requires_grad_combination(backend, path, needs, monkeypatch):
     _check_all(backend, path, 9, 20, 16, 3, torch.float64, 0.6, 0.0, monkeypatch, needs=(x_, False, A_, B_, m_, b_))
 
 
+TRITON_PATHS = PATHS[1:]
+
+
+@pytest.mark.parametrize("backend,path", TRITON_PATHS)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+def test_several_row_column_and_rank_blocks(backend, path, deterministic, monkeypatch):
+    """M, N and r each over several blocks (interpreter: 3 row blocks, N split in 2 programs, 2
+    rank blocks), so that the fused backward's per-row-block magnitude sums, written by the first
+    rank block only, and its g-scaled dy tiles in B1, B2 and (deterministic mode) B3's dB are all
+    exercised; deterministic mode twice, bitwise equal."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _check_all(backend, path, 130, 150, 40, 100, torch.float32, 0.9, 0.0, monkeypatch)
+        if deterministic:
+            x, W, A, B, m, b, dy = _inputs(70, 150, 40, 100, torch.float32, _device(backend))
+            outs = []
+            for _ in range(2):
+                leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
+                y = _call(backend, path, leaves[0], W, leaves[1], leaves[2], leaves[3], b, 0.9, 0.0, None,
+                          monkeypatch)
+                outs.append(torch.autograd.grad(y, leaves, dy))
+            assert all(torch.equal(u, v) for u, v in zip(*outs))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize("backend,path", TRITON_PATHS)
+@pytest.mark.parametrize("needs", ["xABm", "ABm", "m", "xAB"])
+def test_no_dz_tensor_on_the_fused_path(backend, path, needs, monkeypatch):
+    """The fused backward folds dz = dy ⊙ g into the kernels that read dy and sums Σ dy ⊙ z in B1:
+    the dy pass (D2) runs only where nothing else reads dy (the magnitude alone needs a gradient:
+    the sums, no dz) and on the hybrid path when dx is needed (cuBLAS's dz·W reads dz)."""
+    import fastlora.kernels.dora as kd
+    calls = []
+    real = kd.dora_dy
+    monkeypatch.setattr(kd, "dora_dy", lambda *a, **k: calls.append((k.get("scale_dy", True), k.get("colsum", True)))
+                        or real(*a, **k))
+    device = _device(backend)
+    x, W, A, B, m, b, dy = _inputs(33, 70, 24, 5, torch.float32, device)
+    flags = {c: c in needs for c in "xABm"}
+    leaves = [t.clone().requires_grad_(flags[c]) for t, c in zip((x, A, B, m), "xABm")]
+    y = _call(backend, path, leaves[0], W, leaves[1], leaves[2], leaves[3], b, 0.9, 0.0, None, monkeypatch)
+    want = [t for t in leaves if t.requires_grad]
+    got = torch.autograd.grad(y, want, dy)
+    _, ref = _oracle(x, W, A, B, m, b, 0.9, None, dy, (flags["x"], False, flags["A"], flags["B"], flags["m"], False))
+    for gv, gr in zip(got, ref):
+        assert_close("grad", gv, gr, torch.float32, 280, backend)
+    if needs == "m":
+        assert calls == [(False, True)], calls
+    elif path == "hybrid" and flags["x"]:
+        assert calls == [(True, flags["m"])], calls
+    else:
+        assert calls == [], calls
+
+
 @pytest.mark.parametrize("backend,path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("adapters", ["fp32", "model"])

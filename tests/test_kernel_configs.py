@@ -72,7 +72,7 @@ def test_every_shipped_config_passes_the_sass_gates(resources, kernel, arch):
     for dtype in ("bf16", "fp32"):  # every config of the 2- and 4-byte lists, every variant
         for variant, (meta, *_) in VARIANTS[kernel][4].items():
             n_cfg = len(configs.configs_for(kernel, fam, ITEMSIZE[dtype], meta["BLOCK_R"], meta.get("ADD_DX", False),
-                                              meta.get("STORE_Z", False)))
+                                              configs.is_dora(meta)))
             got = [r for r in rows if r["dtype"] == dtype and r["variant"] == variant]
             assert n_cfg and len(got) == n_cfg, f"{kernel} sm_{arch} {dtype} {variant}: {len(got)} of {n_cfg} compiled"
     for r in rows:

@@ -21,7 +21,7 @@ _KERNELS = {
 }
 _LAUNCHER_GIVEN = {"HAS_DROPOUT", "HAS_BIAS", "DOT_PRECISION", "LORA_DTYPE", "LORA_PRECISION", "PIECES", "EPI_DTYPE",
                    "EPI_PRECISION", "BLOCK_R", "COMPUTE_DS", "COMPUTE_DB", "DO_DA", "DO_DB", "ADD_DX",
-                   "COL_SCALE", "STORE_Z"}  # DoRA epilogue (kernels/dora.py): set by the launcher
+                   "COL_SCALE", "STORE_Z", "COLSUM", "NUM_STAGES"}  # DoRA's epilogue and backward fold: set by the launcher
 
 
 def raw(name):
