@@ -288,7 +288,7 @@ def _backward(ctx, dy, *_):
             if need_dx or need_dA or need_dB:
                 dx, dA, dB = ops.backward(dz, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t,
                                           *ctx.keep, need_dx, need_dA, need_dB, ctx.lora_dtype, ctx.backend, "")
-        else:
+        elif need_dx or need_dA or need_dB or need_dm:
             dx, dAB, colsum = _op("dora_linear_bwd")(
                 dy, z, g, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t, *ctx.keep, bool(need_dx),
                 bool(need_dA), bool(need_dB), bool(need_dm), ctx.lora_dtype, ctx.backend, "")

@@ -59,7 +59,12 @@ def _call(backend, path, x, W, A, B, m, b, scaling, p, seed, monkeypatch):
     return run(backend, fastlora.lora_linear, x, W, A, B, scaling, b, dropout_p=p, seed=seed, magnitude=m)
 
 
-def _check_all(backend, path, M, N, K, r, dtype, scaling, p, monkeypatch, needs=(True,) * 6, lead=None, seed=0,
+# (x, W, A, B, m, b): every gradient but the frozen base weight's (the usual case, which takes the
+# folded backward, fastlora::dora_linear_bwd); a trainable W takes the dz route (test_trainable_base_weight)
+FROZEN_W = (True, False, True, True, True, True)
+
+
+def _check_all(backend, path, M, N, K, r, dtype, scaling, p, monkeypatch, needs=FROZEN_W, lead=None, seed=0,
                W_layout="nk", bias=True):
     device = _device(backend)
     x, W, A, B, m, b, dy = _inputs(M, N, K, r, dtype, device, seed=seed, lead=lead)
@@ -101,6 +106,13 @@ def test_dropout_mask_on_the_lora_branch_only(backend, path, monkeypatch):
 
 
 @pytest.mark.parametrize("backend,path", PATHS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_trainable_base_weight(backend, path, p, monkeypatch):
+    """W requires grad too (dW = dzᵀ·x needs dz: the dy pass writes it, then LoRA's backward)."""
+    _check_all(backend, path, 23, 40, 36, 12, torch.float32, 0.8, p, monkeypatch, needs=(True,) * 6, lead=(23,))
+
+
+@pytest.mark.parametrize("backend,path", PATHS)
 def test_conv1d_layout_batched_input_no_bias(backend, path, monkeypatch):
     _check_all(backend, path, 0, 31, 48, 5, torch.float32, 1.3, 0.0, monkeypatch, lead=(3, 7), W_layout="kn",
                bias=False)
@@ -124,12 +136,15 @@ def test_several_row_column_and_rank_blocks(backend, path, deterministic, monkey
     rank blocks), so that the fused backward's per-row-block magnitude sums, written by the first
     rank block only, and its g-scaled dy tiles in B1, B2 and (deterministic mode) B3's dB are all
     exercised; deterministic mode twice, bitwise equal."""
+    r = 100 if path == "fused" else 20  # the hybrid backward takes r <= 32 (larger r runs fused)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        _check_all(backend, path, 130, 150, 40, 100, torch.float32, 0.9, 0.0, monkeypatch)
+        _check_all(backend, path, 130, 150, 40, r, torch.float32, 0.9, 0.0, monkeypatch)
+        _check_all(backend, path, 130, 150, 40, r, torch.float32, 0.9, 0.0, monkeypatch,
+                   needs=(False, False, True, True, True, False))  # no dx: the hybrid path folds g too
         if deterministic:
-            x, W, A, B, m, b, dy = _inputs(70, 150, 40, 100, torch.float32, _device(backend))
+            x, W, A, B, m, b, dy = _inputs(130, 150, 40, r, torch.float32, _device(backend))
             outs = []
             for _ in range(2):
                 leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
@@ -157,15 +172,17 @@ def test_folded_backward_has_the_bits_of_lora_backward_on_dz(device, dtype, path
     scale = torch.tensor([0.7], device=device)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
+    ref = (dy.double() * z.double()).sum(0)
     try:
         dz = (dy.float() * g).to(dtype)
-        dx0, dAB0 = k.lora_linear_bwd(dz, x, W, A, B, S, scale, path=path)
-        dx1, dAB1, cs = k.dora_linear_bwd(dy, z, g, x, W, A, B, S, scale, path=path)
+        for need_dx in (True, False):  # the hybrid path folds g only without dx (cuBLAS's dz·W reads dz)
+            dx0, dAB0 = k.lora_linear_bwd(dz, x, W, A, B, S, scale, need_dx=need_dx, path=path)
+            dx1, dAB1, cs = k.dora_linear_bwd(dy, z, g, x, W, A, B, S, scale, need_dx=need_dx, path=path)
+            assert (dx0 is None and dx1 is None) or torch.equal(dx0, dx1)
+            assert torch.equal(dAB0, dAB1)
+            assert (cs.double() - ref).abs().max() <= 1e-5 * ref.abs().max() * 70 ** 0.5  # fp32 sums of 70 terms
     finally:
         torch.use_deterministic_algorithms(prev)
-    assert torch.equal(dx0, dx1) and torch.equal(dAB0, dAB1)
-    ref = (dy.double() * z.double()).sum(0)
-    assert (cs.double() - ref).abs().max() <= 1e-5 * ref.abs().max() * 70 ** 0.5  # fp32 sums of 70 terms
 
 
 @pytest.mark.parametrize("backend,path", TRITON_PATHS)
