@@ -210,7 +210,10 @@ def _lora_bwd_dx_kernel(
             mask_n = rn < N - n0
             dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if COL_SCALE:  # DoRA: the operand is dz = dy ⊙ g, rounded to dy's dtype (as unfused)
+        # DoRA: the operand is dz = dy ⊙ g, rounded to dy's dtype (as unfused). g scales the A
+        # operand (dy), which Hopper's wgmma may take from registers; scaling W's rows instead
+        # would need the B operand, which wgmma reads from shared memory, rewritten there.
+        if COL_SCALE:
             if EVEN_N:
                 g = tl.load(g_ptr + n0 + rn)
             else:
