@@ -292,10 +292,7 @@ def _backward(ctx, dy, *_):
             dx, dAB, colsum = _op("dora_linear_bwd")(
                 dy, z, g, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t, *ctx.keep, bool(need_dx),
                 bool(need_dA), bool(need_dB), bool(need_dm), ctx.lora_dtype, ctx.backend, "")
-            R = lora_A.shape[0]
-            n_db = N * R if need_dB else 0
-            dA = dAB[n_db:].view(R, K) if need_dA else None
-            dB = dAB[:n_db].view(N, R) if need_dB else None
+            dA, dB = ops.split_dAB(dAB, lora_B.shape, need_dA, need_dB)
             dx = dx if need_dx else None
         if need_dm:
             dm = (colsum / norm).to(magnitude.dtype)

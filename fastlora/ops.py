@@ -169,9 +169,15 @@ def backward_parts(dy, x, weight, lora_A, lora_B, S, mask, scaling, scale, seed,
     path = _path("bwd", x, weight, lora_A, lora_dtype, False, seed, path,
                  {p: functools.partial(run, p) for p in dispatch.PATHS}, extra)
     dx, dAB = run(path)
-    N, R = lora_B.shape
+    return (dx, *split_dAB(dAB, lora_B.shape, need_dA, need_dB))
+
+
+def split_dAB(dAB, B_shape, need_dA, need_dB):
+    """``(dA [r, K], dB [N, r])`` views of the flat ``[dB | dA]`` gradient tensor the backward
+    operators return (None where not needed); ``B_shape``: lora_B's ``(N, r)``."""
+    N, R = B_shape
     n_db = N * R if need_dB else 0
-    return (dx, dAB[n_db:].view(R, -1) if need_dA else None, dAB[:n_db].view(N, R) if need_dB else None)
+    return dAB[n_db:].view(R, -1) if need_dA else None, dAB[:n_db].view(N, R) if need_dB else None
 
 
 def backward_impl(*args):
@@ -218,10 +224,7 @@ def backward(*args):
         return backward_parts(*args)
     dx, dAB = lora_linear_bwd(*args)
     need_dx, need_dA, need_dB = args[12:15]
-    N, R = args[4].shape
-    n_db = N * R if need_dB else 0
-    return (dx if need_dx else None, dAB[n_db:].view(R, -1) if need_dA else None,
-            dAB[:n_db].view(N, R) if need_dB else None)
+    return (dx if need_dx else None, *split_dAB(dAB, args[4].shape, need_dA, need_dB))
 
 
 @lora_linear_bwd.register_fake

@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .dora import dora_dy
 from .dropout import dropout_keep
 from .precision import dot_pieces, split
 from .launch import cdiv, dot_precision, epilogue_lora_args, launch, stream_lora_args, tile_addressable
@@ -436,15 +437,13 @@ def _backward(dy, x, weight, lora_A, lora_B, S, scale, seed, keep_thresh, keep_s
     epi = epilogue_lora_args(x.dtype, lora_dtype)
 
     # -- DoRA: where g goes (see dora_linear_bwd) ----------------------------------------------
+    b1_db = need_dB and not deterministic  # B1 also yields dB (with atomics)
     colsum = None
     if g is not None and hybrid and need_dx:  # cuBLAS reads dz: D2 writes it, with the sums
-        from .dora import dora_dy
         dy, colsum = dora_dy(dy, z, g, scale_dy=True, colsum=need_colsum)
         g, need_colsum = None, False
     col_scale = g is not None
-    b1_runs = need_ds or (need_dB and not deterministic)
-    if need_colsum and not b1_runs:
-        from .dora import dora_dy
+    if need_colsum and not (need_ds or b1_db):  # B1 does not run: D2 sums alone
         colsum = dora_dy(dy, z, g, scale_dy=False, colsum=True)[1]
         need_colsum = False
     g_arg = g if col_scale else dummy
@@ -457,7 +456,6 @@ def _backward(dy, x, weight, lora_A, lora_B, S, scale, seed, keep_thresh, keep_s
         dAB = (torch.empty if deterministic else torch.zeros)(n_db + n_da, device=device, dtype=acc_dtype)
     dB_acc = dAB[:n_db].view(N, R) if need_dB else dummy.view(1, 1)
     dA_acc = dAB[n_db:].view(R, K) if need_dA else dummy.view(1, 1)
-    b1_db = need_dB and not deterministic
 
     # -- B1: dS (and, with atomics, dB) from one read of dy -----------------------------------
     dS = dummy.view(1, 1)

@@ -192,10 +192,12 @@ def test_no_dz_tensor_on_the_fused_path(backend, path, needs, monkeypatch):
     the dy pass (D2) runs only where nothing else reads dy (the magnitude alone needs a gradient:
     the sums, no dz) and on the hybrid path when dx is needed (cuBLAS's dz·W reads dz)."""
     import fastlora.kernels.dora as kd
+    import fastlora.kernels.lora_backward as kb
     calls = []
     real = kd.dora_dy
-    monkeypatch.setattr(kd, "dora_dy", lambda *a, **k: calls.append((k.get("scale_dy", True), k.get("colsum", True)))
-                        or real(*a, **k))
+    counted = lambda *a, **k: calls.append((k.get("scale_dy", True), k.get("colsum", True))) or real(*a, **k)  # noqa: E731
+    for module in (kd, kb):  # D2's definition and the backward launcher's import of it
+        monkeypatch.setattr(module, "dora_dy", counted)
     device = _device(backend)
     x, W, A, B, m, b, dy = _inputs(33, 70, 24, 5, torch.float32, device)
     flags = {c: c in needs for c in "xABm"}
