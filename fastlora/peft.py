@@ -35,6 +35,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
+from . import engines
 from .functional import lora_linear
 from .layer import is_conv1d, is_quantized_linear
 from .quant import quantized_weight
@@ -141,49 +142,115 @@ def _fallback_reason(layer, x, args, kwargs, quantized=False):
     dora = (layer.__dict__.get("use_dora") or {}).get(adapter, False)
     if adapter in variants and not (dora and _is_dora_variant(variants[adapter])):
         return f"LoRA variant {type(variants[adapter]).__name__}", None
-    magnitude = None
+    mag_layer = None
     if dora:
         if (layer.__dict__.get("lora_bias") or {}).get(adapter, False):
             return "DoRA with lora_bias", None
         mag_layer = mods["lora_magnitude_vector"]._modules.get(adapter)
-        if mag_layer is None or _hooked(mag_layer):
-            return "DoRA magnitude layer missing or hooked", None
-        magnitude = mag_layer._parameters.get("weight")
-        if not _plain_weight(magnitude) or magnitude.device != x.device:
-            return "DoRA magnitude sharded, empty or on another device", None
+        if mag_layer is None:
+            return "DoRA magnitude layer missing", None
     base = mods["base_layer"]
-    params = base._parameters
-    weight, bias = params.get("weight"), params.get("bias")
     if quantized:
         static = static_skip_reason(layer, quantized=True)
         if static is not None:
             return static, None
+    elif type(base) is not nn.Linear:
+        static = static_skip_reason(layer)
+        if static is not None:
+            return static, None
+    lora_A, lora_B = lora_As[adapter], mods["lora_B"]._modules[adapter]
+    dropout = mods["lora_dropout"]._modules[adapter]
+    if type(dropout) not in (nn.Dropout, nn.Identity):
+        return f"dropout module {type(dropout).__name__}", None
+    why, weight = _check_modules(layer, x, base, lora_A, lora_B, dropout, mag_layer, quantized)
+    if why is None:
+        return None, (adapter, base, weight, lora_A, lora_B, dropout, mag_layer, ())
+    # Engines that shard parameters (fastlora/engines.py): let the engine gather for the fused call.
+    if engines.zero3_managed(layer):
+        return _zero3_parts(layer, x, adapter, base, lora_A, lora_B, dropout, mag_layer, quantized, why)
+    candidates = (lora_A, lora_B, mag_layer) if quantized else (base, lora_A, lora_B, mag_layer)
+    units = [u for u in (engines.fsdp_unit(m) for m in candidates if m is not None) if u]
+    if units:
+        inner = {u.module: u.inner for u in units}
+        base, lora_A, lora_B = inner.get(base, base), inner.get(lora_A, lora_A), inner.get(lora_B, lora_B)
+        mag_layer = inner.get(mag_layer, mag_layer)
+        why2, weight = _check_modules(layer, x, base, lora_A, lora_B, dropout, mag_layer, quantized,
+                                      unit_modules={u.inner for u in units})
+        if why2 is None:
+            return None, (adapter, base, weight, lora_A, lora_B, dropout, mag_layer, tuple(units))
+        why = why2
+    return why, None
+
+
+def _module_weight(module, name="weight"):
+    """``module``'s tensor ``name``: a registered parameter, or a plain tensor attribute (FSDP1
+    without ``use_orig_params`` sets the unsharded views as attributes during forward)."""
+    t = module._parameters.get(name)
+    return module.__dict__.get(name) if t is None else t
+
+
+def _check_modules(layer, x, base, lora_A, lora_B, dropout, mag_layer, quantized, unit_modules=(),
+                   zero3=False):
+    """Why the fused call cannot read these modules' tensors (None if it can), and the base
+    weight (with ``quantized`` its :class:`fastlora.quant.QuantizedWeight`). ``unit_modules``:
+    modules that are their own FSDP units (their tensors are read once the unit unshards them,
+    their FSDP2 hooks run around the call); ``zero3``: DeepSpeed ZeRO-3's hooks are allowed (its
+    parameters were gathered with the layer, :func:`_zero3_parts`)."""
+    params = base._parameters
+    weight, bias = _module_weight(base), params.get("bias")
+    if base in unit_modules:  # read once its FSDP unit has unshard it (quantized bases are never units)
+        if _hooked(base) and not engines.fsdp2_hooks_only(base):
+            return "hooks on the base layer", None
+        weight = None
+    elif quantized:
         try:
             weight = quantized_weight(base)
         except (TypeError, ValueError) as e:
             return f"quantized base weight fastlora does not read ({e})", None
         if bias is not None and not _plain_weight(bias):
-            return "sharded or empty base bias", None
-    else:
-        if type(base) is not nn.Linear:
-            static = static_skip_reason(layer)
-            if static is not None:
-                return static, None
-        if not _plain_weight(weight) or (bias is not None and not _plain_weight(bias)):
-            return "quantized, sharded or empty base weight", None
-    if _base_is_hooked(base):
-        return "hooks on the base layer", None
-    if weight.device != x.device:
-        return f"base weight on {weight.device}, input on {x.device}", None
-    lora_A, lora_B = lora_As[adapter], mods["lora_B"]._modules[adapter]
-    dropout = mods["lora_dropout"]._modules[adapter]
-    if not (_plain_weight(lora_A._parameters.get("weight")) and _plain_weight(lora_B._parameters.get("weight"))):
-        return "sharded or empty adapter weight", None
-    if type(dropout) not in (nn.Dropout, nn.Identity):
-        return f"dropout module {type(dropout).__name__}", None
-    if _hooked(lora_A) or _hooked(lora_B) or _hooked(dropout):
-        return "hooks on lora_A / lora_B / lora_dropout", None
-    return None, (adapter, base, weight, lora_A, lora_B, dropout, magnitude)
+            return engines.engine_reason(bias, "sharded or empty base bias"), None
+    elif not _plain_weight(weight):
+        return engines.engine_reason(weight, "quantized, sharded or empty base weight"), None
+    elif bias is not None and not _plain_weight(bias):
+        return engines.engine_reason(bias, "sharded or empty base bias"), None
+    if base not in unit_modules:
+        if _base_is_hooked(base) and not (zero3 and engines.zero3_hooks_only(base) and not _global_hooks()):
+            return ("hooks on the base layer (DeepSpeed ZeRO-3: " + engines.ZERO3_REMEDY + ")"
+                    if engines.zero3_managed(base) else "hooks on the base layer"), None
+        if weight.device != x.device:
+            return f"base weight on {weight.device}, input on {x.device}", None
+    for m in (lora_A, lora_B, mag_layer):
+        if m is None or m in unit_modules:
+            continue
+        t = _module_weight(m)
+        if not _plain_weight(t) or (m is mag_layer and t.device != x.device):
+            what = "DoRA magnitude" if m is mag_layer else "adapter weight"
+            return engines.engine_reason(t, f"sharded, empty or misplaced {what}"), None
+    for m in (lora_A, lora_B, dropout, mag_layer):
+        if m is not None and _hooked(m) and not (zero3 and engines.zero3_hooks_only(m)) \
+                and not (m in unit_modules and engines.fsdp2_hooks_only(m)):
+            return "hooks on lora_A / lora_B / lora_dropout / lora_magnitude_vector", None
+    return None, weight
+
+
+def _global_hooks():
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
+
+
+def _zero3_parts(layer, x, adapter, base, lora_A, lora_B, dropout, mag_layer, quantized, why):
+    """The fused call's parts for a layer under DeepSpeed ZeRO-3 (its tensors gathered with the
+    layer itself: fastlora/engines.py), or the reason it cannot run fused."""
+    if quantized:
+        return f"{why} (DeepSpeed ZeRO-3 over a bitsandbytes base)", None
+    params = [_module_weight(base), base._parameters.get("bias")] + \
+        [_module_weight(m) for m in (lora_A, lora_B, mag_layer) if m is not None]
+    gather_why = engines.zero3_prepare(layer, params)
+    if gather_why is not None:
+        return gather_why, None
+    why, weight = _check_modules(layer, x, base, lora_A, lora_B, dropout, mag_layer, quantized, zero3=True)
+    if why is not None:
+        return why, None
+    return None, (adapter, base, weight, lora_A, lora_B, dropout, mag_layer, ())
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,9 +282,16 @@ class FastLoraPeftLinear(PeftLoraLinear):
         if reason is not None:
             self._fastlora_fallback(reason)
             return super().forward(x, *args, **kwargs)
-        adapter, base, weight, lora_A, lora_B, dropout, magnitude = parts
+        adapter, base, weight, lora_A, lora_B, dropout, mag_layer, units = parts
+        if units:  # some of base / lora_A / lora_B / the magnitude are FSDP units: run inside their unshard
+            return engines.run_in_units(units, x, lambda x: self._fastlora_call(x, parts))
+        return self._fastlora_call(x, parts)
+
+    def _fastlora_call(self, x, parts):
+        adapter, base, weight, lora_A, lora_B, dropout, mag_layer, _ = parts
+        weight = _module_weight(base) if weight is None else weight
         weight = weight.t() if self.fan_in_fan_out else weight
-        return _fused(self, x, adapter, base, weight, lora_A, lora_B, dropout, weight.dtype, magnitude)
+        return _fused(self, x, adapter, base, weight, lora_A, lora_B, dropout, weight.dtype, mag_layer)
 
     def _fastlora_fallback(self, reason):
         name = getattr(self, "_fastlora_name", "?")
@@ -232,7 +306,7 @@ class FastLoraPeftLinear(PeftLoraLinear):
             warnings.warn(f"fastlora: {name} runs PEFT's own forward ({reason})", stacklevel=3)
 
 
-def _fused(layer, x, adapter, base, weight, lora_A, lora_B, dropout, dtype, magnitude=None):
+def _fused(layer, x, adapter, base, weight, lora_A, lora_B, dropout, dtype, mag_layer=None):
     """The fused call replacing ``base_layer(x) + lora_B(lora_A(dropout(x)))·scaling`` (``dtype``:
     the base's compute dtype; bias and, with lora_bias, ``scaling·lora_B.bias`` folded into it),
     or with ``magnitude`` PEFT's DoRA forward (``peft/tuners/lora/dora.py``,
@@ -245,8 +319,9 @@ def _fused(layer, x, adapter, base, weight, lora_A, lora_B, dropout, dtype, magn
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
     p = dropout.p if type(dropout) is nn.Dropout else 0.0
-    return lora_linear(x, weight, lora_A.weight, lora_B.weight, scaling, bias, dropout_p=p, training=dropout.training,
-                       magnitude=magnitude)
+    magnitude = None if mag_layer is None else _module_weight(mag_layer)
+    return lora_linear(x, weight, _module_weight(lora_A), _module_weight(lora_B), scaling, bias, dropout_p=p,
+                       training=dropout.training, magnitude=magnitude)
 
 
 class _FastLoraQuantMixin:
@@ -263,10 +338,11 @@ class _FastLoraQuantMixin:
         if reason is not None:
             self._fastlora_fallback(reason)
             return self._peft_class.forward(self, x, *args, **kwargs)
-        adapter, base, qweight, lora_A, lora_B, dropout, magnitude = parts
+        adapter, base, qweight, lora_A, lora_B, dropout, mag_layer, units = parts
         dtype = getattr(base, "compute_dtype", None) or x.dtype
-        y = _fused(self, x if x.dtype == dtype else x.to(dtype), adapter, base, qweight, lora_A, lora_B, dropout,
-                   dtype, magnitude)
+        x_in = x if x.dtype == dtype else x.to(dtype)
+        y = engines.run_in_units(units, x_in, lambda x_in: _fused(self, x_in, adapter, base, qweight, lora_A, lora_B,
+                                                                  dropout, dtype, mag_layer))
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     _fastlora_fallback = FastLoraPeftLinear._fastlora_fallback
