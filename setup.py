@@ -14,7 +14,9 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy"],
     extras_require={
         # trl: the SFTTrainer example's test; bitsandbytes: the QLoRA tests (it runs on the CPU too)
-        "test": ["pytest", "peft", "transformers", "safetensors", "trl", "bitsandbytes>=0.50"],
+        # deepspeed: the engine tests (tests/test_engines.py, ZeRO-2/3 on CPU ranks)
+        "test": ["pytest", "peft", "transformers", "safetensors", "trl", "bitsandbytes>=0.50", "deepspeed>=0.16"],
+        "deepspeed": ["deepspeed>=0.16"],  # ZeRO-3 runs fused: fastlora/engines.py
         "qlora": ["bitsandbytes>=0.50"],  # quantized base weights: fastlora/quant.py
         "trl": ["peft", "transformers", "trl"],  # examples/hf_trainer.py --sft
         "bench": ["matplotlib", "tqdm", "peft", "transformers"],

@@ -217,9 +217,8 @@ def engine_reason(weight, generic):
         return (f"{generic} (a sharded DTensor: FSDP2 fully_shard or tensor parallelism outside this layer; "
                 "fully_shard the LoRA layer or its decoder block, or its lora_A / lora_B modules, not the "
                 "parameters alone)")
-    if isinstance(weight, nn.Parameter) and weight.numel() == 0 or (torch.is_tensor(weight) and weight.dim() == 1
-                                                                  and "_fsdp_flattened" in weight.__dict__):
-        return (f"{generic} (FSDP1 with use_orig_params: a flat-parameter shard outside this layer's FSDP "
-                "unit; wrap the decoder blocks (transformer_auto_wrap_policy, or the Trainer's PEFT policy) or "
-                "the LoRA layer itself)")
+    if getattr(weight, "_fsdp_flattened", False):  # FSDP1 marks the parameters it flattens
+        return (f"{generic} (FSDP1: the shard of a unit that is not running; wrap the decoder blocks "
+                "(transformer_auto_wrap_policy, or the Trainer's PEFT policy), the LoRA layer, or its "
+                "lora_A / lora_B modules as units)")
     return generic

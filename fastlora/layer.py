@@ -73,6 +73,9 @@ def _check_hparams(r, lora_alpha, lora_dropout, use_rslora=False, use_dora=False
     return int(r), lora_alpha, check_dropout_p(lora_dropout, "lora_dropout")
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)  # not a DTensor (FSDP2), nor an empty ZeRO-3 partition
+
+
 class LoRALinear(nn.Module):
     """``y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ`` with frozen ``W, b`` and trainable ``A, B``.
 
@@ -326,9 +329,31 @@ class LoRALinear(nn.Module):
             if not torch.compiler.is_compiling():
                 self._check_merge("forward (merged)")
             return F.linear(input, self.base_weight(), self.bias)
-        return lora_linear(input, self.base_weight(), self.lora_A.weight, self.lora_B.weight, self._scale,
-                           self.bias, dropout_p=self.lora_dropout, training=self.training,
-                           magnitude=self.lora_magnitude_vector if self._use_dora else None)
+        A, B = self.lora_A.weight, self.lora_B.weight
+        if not (type(A) in _PLAIN and type(B) in _PLAIN and A.numel() and B.numel()):
+            return self._engine_forward(input)  # sharded adapters (fastlora/engines.py)
+        return self._lora_forward(input, A, B)
+
+    def _lora_forward(self, input, A, B):
+        return lora_linear(input, self.base_weight(), A, B, self._scale, self.bias, dropout_p=self.lora_dropout,
+                           training=self.training, magnitude=self.lora_magnitude_vector if self._use_dora else None)
+
+    def _engine_forward(self, input):
+        """The forward when ``lora_A`` / ``lora_B`` are sharded by an engine outside this layer's
+        own parameter management (fastlora/engines.py): DeepSpeed ZeRO-3 gathers them with this
+        layer (external parameters), an FSDP unit around ``lora_A`` / ``lora_B`` unshards them
+        through its own pre-/post-forward. Anything else reaches :func:`lora_linear`, whose
+        checks name what is wrong."""
+        from . import engines
+        A, B = self.lora_A.weight, self.lora_B.weight
+        if engines.is_zero3_param(A) or engines.is_zero3_param(B):
+            why = engines.zero3_prepare(self, [A, B])
+            if why is not None:
+                raise RuntimeError(f"fastlora.LoRALinear: {why}")
+            return self._lora_forward(input, A, B)
+        units = [u for u in (engines.fsdp_unit(self.lora_A), engines.fsdp_unit(self.lora_B)) if u is not None]
+        return engines.run_in_units(units, input, lambda x: self._lora_forward(x, self.lora_A.weight,
+                                                                              self.lora_B.weight))
 
     # -- merging ----------------------------------------------------------------------------------
     @torch.no_grad()

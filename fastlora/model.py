@@ -185,12 +185,16 @@ def lora_layers(model):
 # PEFT's adapter format
 # ------------------------------------------------------------------------------------------
 def _full(t):
-    """A full, detached CPU copy of a parameter; a sharded ``DTensor`` (FSDP2) is gathered first,
-    which is a collective: every rank must call :func:`save_adapter`."""
-    t = t.detach()
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.cpu().contiguous()
+    """A full, detached CPU copy of a parameter; a sharded ``DTensor`` (FSDP2) or a partitioned
+    DeepSpeed ZeRO-3 parameter is gathered first, which is a collective: every rank must call
+    :func:`save_adapter`."""
+    from .engines import zero3_gathered
+    with zero3_gathered([t]):
+        t = t.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        # a copy: a ZeRO-3 parameter's gathered data is freed when the block ends
+        return torch.empty_like(t, device="cpu", memory_format=torch.contiguous_format).copy_(t)
 
 
 # Only the language-model tasks are inferred: for SEQ_CLS / TOKEN_CLS / QUESTION_ANS, PEFT adds the
@@ -294,8 +298,8 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, task_type=No
         modules_to_save: names of extra modules saved whole (PEFT's ``modules_to_save``, e.g. a
             trained classification head), stored under ``base_model.model.<module>.<param>``.
 
-    Sharded models (FSDP2 ``fully_shard``): call it on every rank; the shards are gathered into
-    full tensors and only rank 0 writes the files.
+    Sharded models (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3): call it on every rank; the shards
+    are gathered into full tensors and only rank 0 writes the files.
 
     Raises:
         TypeError: ``model`` not a Module; ``directory``, ``base_model_name_or_path``, ``task_type``
@@ -341,8 +345,10 @@ def save_adapter(model, directory, *, base_model_name_or_path=None, task_type=No
         if m.use_dora:
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = _full(m.lora_magnitude_vector)
     for name in modules_to_save or []:
-        for k, v in modules[name].state_dict().items():
-            tensors[f"{_PREFIX}{name}.{k}"] = _full(v)
+        from .engines import zero3_gathered
+        with zero3_gathered(list(modules[name].parameters())):
+            for k, v in modules[name].state_dict().items():
+                tensors[f"{_PREFIX}{name}.{k}"] = _full(v)
     base_name = base_model_name_or_path or _base_name_of(model)
     task = task_type or _task_type_of(model)
     config = {

@@ -11,9 +11,12 @@ Fused when all hold (PEFT's forward order: base, then ``lora_B(lora_A(dropout(x)
 ``peft/tuners/lora/layer.py``):
   exactly one active adapter present in the layer; not merged; adapters enabled; no per-call
   ``adapter_names`` or extra forward arguments; no LoRA variant (aLoRA, ...) but DoRA; the base
-  is ``nn.Linear`` or GPT-2 ``Conv1D`` (``fan_in_fan_out``) with plain, unsharded float
-  weights on the input's device and no hooks (e.g. accelerate's offloading) on it; the dropout
-  is ``nn.Dropout`` or ``nn.Identity``. ``lora_bias`` and rsLoRA are
+  is ``nn.Linear`` or GPT-2 ``Conv1D`` (``fan_in_fan_out``) with plain float weights on the
+  input's device and no hooks (e.g. accelerate's offloading) on it; the dropout is
+  ``nn.Dropout`` or ``nn.Identity``. Weights an engine shards are gathered by the engine itself
+  (fastlora/engines.py): DeepSpeed ZeRO-3 (its hooks on the submodules are allowed; the layer's
+  tensors become its external parameters), FSDP1 / FSDP2 units around ``base_layer``,
+  ``lora_A``, ``lora_B`` or the DoRA magnitude (entered through their own pre- / post-forward). ``lora_bias`` and rsLoRA are
   supported, fp32 or half adapters too.
 DoRA (``use_dora=True``) runs fused on plain and on bitsandbytes bases (not with ``lora_bias``,
 which PEFT refuses for DoRA): ``m/‖W + s·B·A‖ ⊙ (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ) + b`` (fastlora.dora), PEFT's forward
@@ -309,7 +312,7 @@ class FastLoraPeftLinear(PeftLoraLinear):
 def _fused(layer, x, adapter, base, weight, lora_A, lora_B, dropout, dtype, mag_layer=None):
     """The fused call replacing ``base_layer(x) + lora_B(lora_A(dropout(x)))·scaling`` (``dtype``:
     the base's compute dtype; bias and, with lora_bias, ``scaling·lora_B.bias`` folded into it),
-    or with ``magnitude`` PEFT's DoRA forward (``peft/tuners/lora/dora.py``,
+    or with ``mag_layer`` (the adapter's magnitude module, its tensor read now) PEFT's DoRA forward (``peft/tuners/lora/dora.py``,
     ``DoraLinearLayer.forward``) ``m/‖W + s·B·A‖ ⊙ (x·Wᵀ + s·(x̃·Aᵀ)·Bᵀ) + b``."""
     scaling = layer.scaling[adapter]
     bias = base.bias
