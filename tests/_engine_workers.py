@@ -50,8 +50,8 @@ def mean_over_ranks(t):
     return t.item() / dist.get_world_size()
 
 
-def peft_model(ckpt):
-    pm, ids = build_peft()
+def peft_model(ckpt, use_dora=False):
+    pm, ids = build_peft(use_dora=use_dora)
     if ckpt:  # what the Trainer's gradient_checkpointing=True does
         pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     report = fastlora.patch_peft_model(pm)
@@ -138,7 +138,7 @@ def zero3_released(model):
 # ------------------------------------------------------------------------------------------
 # Scenarios: name -> function returning {losses, state, fallbacks?, ...}
 # ------------------------------------------------------------------------------------------
-def deepspeed_peft(stage, ckpt=False, zero_init=False):
+def deepspeed_peft(stage, ckpt=False, zero_init=False, use_dora=False):
     def run(out):
         if zero_init:  # partitioned at construction (as transformers builds a model under ZeRO-3),
             import deepspeed  # then loaded with the weights of the model built without it
@@ -150,7 +150,7 @@ def deepspeed_peft(stage, ckpt=False, zero_init=False):
                     p.copy_(state[n])
             report = fastlora.patch_peft_model(pm)
         else:
-            pm, ids, report = peft_model(ckpt)
+            pm, ids, report = peft_model(ckpt, use_dora)
         engine, losses = train_deepspeed(pm, peft_loss, ids, stage)
         res = {"losses": losses, "fallbacks": dict(report.fallbacks)}
         if stage == 3:
@@ -190,7 +190,7 @@ def deepspeed_plain(out):
             "state": lora_state(model, lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=None))}
 
 
-def fsdp1_peft(use_orig_params, ckpt=False):
+def fsdp1_peft(use_orig_params, ckpt=False, use_dora=False):
     """FSDP1 as transformers' Trainer sets it up for a PEFT model: the auto-wrap policy is the one
     ``transformers.distributed.fsdp.update_fsdp_plugin_peft`` installs (PEFT's, which makes every
     lora_A / lora_B its own unit). accelerate enables FSDP only on accelerators, so on a CPU the
@@ -200,13 +200,13 @@ def fsdp1_peft(use_orig_params, ckpt=False):
 
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from transformers.distributed.fsdp import update_fsdp_plugin_peft
-        pm, ids, report = peft_model(ckpt)
+        pm, ids, report = peft_model(ckpt, use_dora)
         accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace()))
         update_fsdp_plugin_peft(pm, accelerator)
         model = FSDP(pm, auto_wrap_policy=accelerator.state.fsdp_plugin.auto_wrap_policy,
                      use_orig_params=use_orig_params, device_id=torch.device("cpu"))
         units = sum(type(m).__name__ == "FullyShardedDataParallel" for n, m in model.named_modules()
-                    if n.endswith(("lora_A.default", "lora_B.default")))
+                    if n.endswith(("lora_A.default", "lora_B.default", "lora_magnitude_vector.default")))
         losses = train_torch(model, peft_loss, ids)
         with FSDP.summon_full_params(model):
             state = lora_state(model)
@@ -265,6 +265,8 @@ SCENARIOS = {
     "zero3_init": deepspeed_peft(3, zero_init=True),
     "zero3_patched_after_initialize": deepspeed_patched_after_initialize,
     "zero3_plain": deepspeed_plain,
+    "zero3_dora": deepspeed_peft(3, use_dora=True),
+    "fsdp1_trainer_policy_dora": fsdp1_peft(True, use_dora=True),
     "fsdp1_trainer_policy": fsdp1_peft(True),
     "fsdp1_trainer_policy_ckpt": fsdp1_peft(True, ckpt=True),
     "fsdp1_trainer_policy_flat": fsdp1_peft(False),
