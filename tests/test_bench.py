@@ -53,3 +53,16 @@ def test_bench_e2e_smoke(tmp_path):
     gen = list(csv.DictReader(open(tmp_path / "generate.csv")))
     assert [(r["variant"], r["new_tokens"]) for r in gen] == [("peft", "3"), ("peft+fastlora", "3")]
     assert "generate: peft+fastlora" in out
+
+
+def test_bench_engines_smoke(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = _run(["bench.bench_engines", "--smoke", "--engines", "zero3,fsdp1"], tmp_path)
+    assert "not performance figures" in out
+    rows = list(csv.DictReader(open(tmp_path / "engines.csv")))
+    assert [(r["engine"], r["variant"]) for r in rows] == [
+        ("zero3", "peft"), ("zero3", "peft+fastlora"), ("fsdp1", "peft"), ("fsdp1", "peft+fastlora")]
+    for r in rows:
+        assert float(r["step_ms_median"]) > 0 and r["smoke"] == "True" and r["deepspeed"]
+        if r["variant"] == "peft+fastlora":  # 7 LoRA layers in the smoke model's one block, all fused
+            assert r["fused_calls_per_step"] == "7" and r["fallbacks"] == "0", r
