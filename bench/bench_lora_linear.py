@@ -36,12 +36,8 @@ import time
 import torch
 
 from . import shapes as S
+from .provider_names import BASES, DORA_PROVIDERS, PROVIDERS, QLORA_PROVIDERS
 
-PROVIDERS = ("base", "eager", "peft", "peft-fp32", "compile", "addmm", "fastlora", "fastlora-fused", "fastlora-hybrid",
-             "fastlora-fp32", "qlora-base", "peft-qlora", "fastlora-qlora", "peft-dora", "fastlora-dora")
-QLORA_PROVIDERS = ("qlora-base", "peft-qlora", "fastlora-qlora")  # NF4 base weight (bitsandbytes)
-DORA_PROVIDERS = ("peft-dora", "fastlora-dora")  # y = g ⊙ (LoRA's), g = m / ‖W + s·B·A‖, m trained
-BASES = ("base", "qlora-base")  # no LoRA branch
 
 MODES = ("fwd", "bwd", "fwd+bwd", "eval")  # eval: forward under torch.no_grad, dropout off (decode)
 COLUMNS = ["date", "commit", "gpu", "torch", "triton", "set", "layer", "M", "N", "K", "r", "dtype", "dropout", "mode",

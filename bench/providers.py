@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import fastlora
 
-from .bench_lora_linear import PROVIDERS  # noqa: E402,F401  (one list, defined where the CLI needs it)
+from .provider_names import PROVIDERS
 
 
 @dataclasses.dataclass

@@ -83,16 +83,14 @@ def library():
     return _STATE["lib"]
 
 
-def packed_keep(M, K, seed, keep_thresh, row0=0):
-    """The keep-mask of rows ``row0 .. row0 + M`` for the unsigned 64-bit ``seed``, bit-packed:
-    uint8 ``[M, ceil(K / 8)]`` on the CPU, bit b of byte g = column 8g + b (1 = kept). Torch ops
-    when the C kernel is unavailable."""
-    G = -(-K // 8)
+def packed_keep_c(M, K, seed, keep_thresh, row0=0):
+    """The keep-mask of rows ``row0 .. row0 + M`` for the unsigned 64-bit ``seed``, bit-packed by
+    the C kernel: uint8 ``[M, ceil(K / 8)]`` on the CPU, bit b of byte g = column 8g + b (1 =
+    kept); None when the kernel is unavailable (fastlora.dropout.packed_keep then uses torch ops)."""
     lib = library()
     if lib is None:
-        from .dropout import keep_bits_torch
-        bits = keep_bits_torch(M, G * 8, seed, keep_thresh, "cpu", row0).view(M, G, 8).to(torch.uint8)
-        return (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+        return None
+    G = -(-K // 8)
     out = torch.empty((M, G), dtype=torch.uint8)
     if M and G:
         lib.fastlora_keep_packed(out.data_ptr(), M, G, row0, seed & 0xFFFFFFFF, seed >> 32, keep_thresh,

@@ -11,6 +11,8 @@ import struct
 
 import torch
 
+from . import cpu
+
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 # Philox4x32 constants (Salmon, Moraes, Dror, Shaw: "Parallel random numbers: as easy as
@@ -98,11 +100,21 @@ def keep_bits(M, K, seed, keep_thresh, device=None, row0=0):
     the CPU by fastlora's C kernel (fastlora/cpu.py) when it could be built, else (and on other
     devices) by :func:`keep_bits_torch`. Both give the same bits."""
     device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type == "cpu":
-        from . import cpu
-        if cpu.library() is not None:
-            return cpu.unpack(cpu.packed_keep(M, K, check_seed(seed), keep_thresh, row0), K, torch.bool)
+    if device.type == "cpu" and cpu.library() is not None:
+        return cpu.unpack(cpu.packed_keep_c(M, K, check_seed(seed), keep_thresh, row0), K, torch.bool)
     return keep_bits_torch(M, K, seed, keep_thresh, device, row0)
+
+
+def packed_keep(M, K, seed, keep_thresh, row0=0):
+    """:func:`keep_bits` of the CPU bit-packed: uint8 ``[M, ceil(K / 8)]``, bit b of byte g =
+    column 8g + b (1 = kept), for the unsigned 64-bit ``seed``: by the C kernel, or torch ops
+    when it is unavailable (the same bits)."""
+    out = cpu.packed_keep_c(M, K, seed, keep_thresh, row0)
+    if out is None:
+        G = -(-K // 8)
+        bits = keep_bits_torch(M, G * 8, seed, keep_thresh, "cpu", row0).view(M, G, 8).to(torch.uint8)
+        out = (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return out
 
 
 def keep_bits_torch(M, K, seed, keep_thresh, device=None, row0=0):

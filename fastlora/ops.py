@@ -20,7 +20,7 @@ import torch
 from . import cpu, dispatch, reference
 from ._checks import autocast_enabled
 from .backend import kernels, select_backend
-from .dropout import keep_bits_torch
+from .dropout import keep_bits_torch, packed_keep
 
 Tensor = torch.Tensor
 
@@ -57,7 +57,7 @@ class TorchMask:
         self.seed = int(seed.item()) & ((1 << 64) - 1)
         self.packed = packed
         if device.type == "cpu" and packed is None:
-            self.packed = cpu.packed_keep(M, K, self.seed, keep_thresh)
+            self.packed = packed_keep(M, K, self.seed, keep_thresh)
         self._tensor = None
 
     def tensor(self):
