@@ -89,7 +89,14 @@ def lora_linear(input, weight, lora_A, lora_B, scaling=1.0, bias=None, *, dropou
 
     Under ``torch.autocast`` it behaves as ``nn.Linear`` + PEFT: input, weight and bias (when
     float32/16) are cast to the autocast dtype, and the LoRA matmuls run in that dtype too.
+
+    Under ``torch.jit.trace`` the call records PEFT's forward in plain torch ops (base, plus
+    ``lora_B(lora_A(x))·scaling``; DoRA's ``g`` with the norm detached), which TorchScript can
+    replay; dropout in training mode and quantized weights raise (``RuntimeError``): trace in
+    eval mode, or use ``torch.compile`` / ``torch.export``, which run fastlora's own operators.
     """
+    if torch.jit.is_tracing():
+        return _traced(input, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed, magnitude)
     device_type = input.device.type if isinstance(input, torch.Tensor) else "cpu"
     autocast = autocast_enabled(device_type)
     if magnitude is not None:
@@ -166,3 +173,60 @@ def _quantized_dora(input, qw, lora_A, lora_B, magnitude, scaling, bias, dropout
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         return dora.qdora_linear(input, qw, lora_A, lora_B, magnitude, scaling, bias, p, seed, lora_dtype,
                                  _needs_grad(input, lora_A, lora_B, magnitude, bias, scaling))
+
+
+_TRACE_REMEDY = ("trace the model in eval mode (or with lora_dropout=0), or use torch.compile / torch.export, which "
+                 "record fastlora's own operators")
+
+
+@contextlib.contextmanager
+def _tracer_paused():
+    """Argument checks outside the TorchScript trace (as torch.jit's own helpers pause it), so
+    their size comparisons neither enter the graph nor warn."""
+    get, set_ = getattr(torch._C, "_get_tracing_state", None), getattr(torch._C, "_set_tracing_state", None)
+    state = get() if get is not None and set_ is not None else None
+    if state is None:
+        yield
+        return
+    set_(None)
+    try:
+        yield
+    finally:
+        set_(state)
+
+
+def _traced(input, weight, lora_A, lora_B, scaling, bias, dropout_p, training, seed, magnitude):
+    """:func:`lora_linear` while ``torch.jit.trace`` records: PEFT's forward in plain torch ops
+    (``peft/tuners/lora/layer.py``: base output, then ``lora_B(lora_A(x.to(lora dtype)))·scaling``
+    added in the base's dtype; DoRA as ``peft/tuners/lora/dora.py`` with the norm detached), so
+    the traced graph replays on new inputs. The autograd Function and fastlora's operators are
+    not traceable by TorchScript (the tracer fails inside them with ``unordered_map::at``), and a
+    dropout mask drawn from a per-call seed cannot be recorded."""
+    if type(weight) not in _PLAIN:
+        from . import quant
+        if quant.is_quantized(weight):
+            raise RuntimeError(f"fastlora.lora_linear: torch.jit.trace of a quantized base weight is not supported; "
+                               "use torch.compile / torch.export")
+    with _tracer_paused():  # the checks read sizes as Python ints: nothing of the graph
+        if magnitude is None:
+            check_inputs(input, weight, lora_A, lora_B, bias, same_dtype=not autocast_enabled(input.device.type))
+        else:
+            from .dora import check_dora_call
+            check_dora_call(input, weight, lora_A, lora_B, magnitude, bias,
+                            same_dtype=not autocast_enabled(input.device.type))
+        p = _check_call(input, scaling, dropout_p, training, seed)
+    if p > 0:
+        raise RuntimeError(f"fastlora.lora_linear: torch.jit.trace cannot record fastlora's LoRA dropout "
+                           f"(dropout_p={p} in training mode: its mask comes from a seed drawn at each call); "
+                           f"{_TRACE_REMEDY}")
+    F = torch.nn.functional
+    lora = F.linear(F.linear(input.to(lora_A.dtype), lora_A), lora_B) * scaling
+    if magnitude is None:
+        base = F.linear(input, weight, bias)
+        return base + lora.to(base.dtype)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.to(acc) + (lora_B.to(acc) @ lora_A.to(acc)) * scaling
+    g = magnitude.to(acc) / torch.linalg.vector_norm(w, dim=1).detach()
+    base = F.linear(input, weight)
+    y = (g * (base.to(acc) + lora.to(acc))).to(base.dtype)
+    return y if bias is None else y + bias

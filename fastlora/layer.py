@@ -330,7 +330,7 @@ class LoRALinear(nn.Module):
                 self._check_merge("forward (merged)")
             return F.linear(input, self.base_weight(), self.bias)
         A, B = self.lora_A.weight, self.lora_B.weight
-        if not (type(A) in _PLAIN and type(B) in _PLAIN and A.numel() and B.numel()):
+        if not (type(A) in _PLAIN and type(B) in _PLAIN and (torch.jit.is_tracing() or (A.numel() and B.numel()))):
             return self._engine_forward(input)  # sharded adapters (fastlora/engines.py)
         return self._lora_forward(input, A, B)
 
