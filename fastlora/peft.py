@@ -375,6 +375,18 @@ def _quant_classes():
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _generic_over_quant_class():
+    """PEFT's generic ``lora.Linear`` wrapping a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``
+    (what PEFT builds for a model that transformers did not quantize, so without the
+    ``is_loaded_in_4bit`` / ``_8bit`` mark that selects ``lora.bnb``): the quantized forward of
+    :class:`_FastLoraQuantMixin`, PEFT's generic forward as the fallback. Both PEFT classes compute
+    ``base_layer(x) + lora_B(lora_A(dropout(x)))·scaling`` over the same quantized weight."""
+    return type("FastLoraPeftLinearOverQuant", (_FastLoraQuantMixin, PeftLoraLinear),
+                {"_peft_class": PeftLoraLinear, "__module__": __name__,
+                 "__doc__": "PEFT's generic ``lora.Linear`` over a bitsandbytes layer, running fastlora when it can."})
+
+
 def _configured_fallback(layer):
     """Why a patched layer, as configured now, would run PEFT's forward at every call (None: fused)."""
     for adapter in layer.active_adapters:
@@ -411,7 +423,8 @@ def patch_peft_model(model):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module holding PEFT LoRA layers, got {type(model).__name__}")
     quant_classes = quant_layer_classes()
-    patched_types = (FastLoraPeftLinear, *quant_classes.values())
+    over_quant = (_generic_over_quant_class(),) if quant_classes else ()
+    patched_types = (FastLoraPeftLinear, *quant_classes.values(), *over_quant)
     lora = [(n, m) for n, m in model.named_modules() if isinstance(m, patched_types)
             or (isinstance(m, BaseTunerLayer) and type(m).__module__.startswith("peft.tuners.lora"))]
     if not lora:
@@ -424,7 +437,10 @@ def patch_peft_model(model):
             if name not in report.patched:
                 report.patched.append(name)
             continue
-        target = FastLoraPeftLinear if type(module) is PeftLoraLinear else quant_classes.get(type(module))
+        if type(module) is PeftLoraLinear:
+            target = over_quant[0] if over_quant and is_quantized_linear(module.base_layer) else FastLoraPeftLinear
+        else:
+            target = quant_classes.get(type(module))
         if target is None:
             new_skips[name] = f"unsupported LoRA layer type {type(module).__module__}.{type(module).__name__}"
             continue
@@ -461,7 +477,7 @@ def unpatch_peft_model(model):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     restored = []
     patched = {cls: peft_class for peft_class, cls in quant_layer_classes().items()}
-    patched[FastLoraPeftLinear] = PeftLoraLinear
+    patched[FastLoraPeftLinear] = patched[_generic_over_quant_class()] = PeftLoraLinear
     for name, module in model.named_modules():
         if type(module) in patched:
             module.__class__ = patched[type(module)]

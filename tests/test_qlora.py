@@ -408,10 +408,37 @@ def test_inject_lora_and_adapter_round_trip(use_dora, tmp_path):
     torch.testing.assert_close(net2(x), y, rtol=0, atol=0)
 
 
-def _peft_qlora(directory, mode, seed=3, use_dora=False):
+def _quantize_by_hand(model, mode, targets):
+    """Each target nn.Linear of ``model`` replaced by a bitsandbytes layer holding its weights, as a
+    user quantizes a model transformers did not load (so no ``is_loaded_in_4bit`` mark, and PEFT
+    wraps the layers in its generic ``lora.Linear``)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and name in targets:
+                if mode == "int8":
+                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                            has_fp16_weights=False, threshold=0.0)
+                else:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.float32, quant_type=mode, compress_statistics=mode == "nf4")
+                q.load_state_dict(child.state_dict())
+                setattr(module, name, q.to("cpu"))  # .to quantizes
+    return model
+
+
+def _peft_qlora(directory, mode, seed=3, use_dora=False, by_hand=False):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from _tiny_models import TARGETS, randomize_lora_B
+    if by_hand:
+        model = _quantize_by_hand(transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32),
+                                  mode, TARGETS["llama"])
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"],
+                                                            lora_dropout=0.0, use_dora=use_dora))
+        assert type(model.base_model.model.model.layers[0].self_attn.q_proj) is peft.tuners.lora.layer.Linear
+        randomize_lora_B(model)
+        return model.train()
     if mode == "int8":
         cfg = transformers.BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -426,17 +453,20 @@ def _peft_qlora(directory, mode, seed=3, use_dora=False):
     return model.train()
 
 
-@pytest.mark.parametrize("mode,dora", [("nf4", False), ("fp4", False), ("int8", False), ("nf4", True),
-                                       ("int8", True)], ids=["nf4", "fp4", "int8", "nf4-dora", "int8-dora"])
-def test_peft_qlora_model_trains_like_peft(mode, dora, tmp_path):
-    """A tiny Llama quantized by transformers + bitsandbytes, PEFT LoRA (or DoRA) on every
-    projection: patched equals unpatched in loss and LoRA grads (magnitudes too) over AdamW steps,
-    with no fallback."""
+@pytest.mark.parametrize("mode,dora,by_hand", [
+    ("nf4", False, False), ("fp4", False, False), ("int8", False, False), ("nf4", True, False), ("int8", True, False),
+    ("nf4", False, True), ("fp4", False, True), ("int8", False, True)],
+    ids=["nf4", "fp4", "int8", "nf4-dora", "int8-dora", "nf4-by-hand", "fp4-by-hand", "int8-by-hand"])
+def test_peft_qlora_model_trains_like_peft(mode, dora, by_hand, tmp_path):
+    """A tiny Llama quantized by transformers + bitsandbytes (``by_hand``: its linears replaced by
+    bitsandbytes layers, so PEFT wraps them in its generic ``lora.Linear``), PEFT LoRA (or DoRA)
+    on every projection: patched equals unpatched in loss and LoRA grads (magnitudes too) over
+    AdamW steps, with no fallback."""
     from _tiny_models import batch, build
     # intermediate 128, not 96: the reference runs bitsandbytes' CPU dequantization, which is wrong
     # for down_proj's K = 96 (see test_torch_path_dequant_with_rows_across_blocks)
     build("llama", intermediate_size=128).save_pretrained(tmp_path / "base")
-    ref, fast = (_peft_qlora(tmp_path / "base", mode, use_dora=dora) for _ in range(2))
+    ref, fast = (_peft_qlora(tmp_path / "base", mode, use_dora=dora, by_hand=by_hand) for _ in range(2))
     report = fastlora.patch_peft_model(fast)
     assert len(report.patched) == 14 and not report.skipped and not report.expected_fallbacks
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, fast)]
@@ -475,11 +505,32 @@ def test_peft_qlora_model_trains_like_peft(mode, dora, tmp_path):
     fast.save_pretrained(tmp_path / "adapter")
     peft = pytest.importorskip("peft")
     import transformers
-    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32,
-                                                             quantization_config=ref.base_model.model.config
-                                                             .quantization_config)
+    if by_hand:
+        from _tiny_models import TARGETS
+        base = _quantize_by_hand(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base",
+                                                                                    dtype=torch.float32),
+                                 mode, TARGETS["llama"])
+    else:
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32,
+                                                                 quantization_config=ref.base_model.model.config
+                                                                 .quantization_config)
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True).train()
     lora = {n: p for n, p in fast.named_parameters() if "lora_" in n}
     assert lora and all(torch.equal(p, lora[n]) for n, p in loaded.named_parameters() if "lora_" in n)
     with torch.no_grad():  # train mode (no dropout here): bitsandbytes' int8 matmul uses the dequantized W
         torch.testing.assert_close(loaded(**data).logits, fast(**data).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_generic_peft_layer_over_bitsandbytes_patches_and_unpatches(tmp_path):
+    """PEFT's generic lora.Linear over a bitsandbytes layer: patched (not skipped), printed as
+    PEFT's class, and restored to it by unpatch_peft_model."""
+    peft = pytest.importorskip("peft")
+    from _tiny_models import build
+    build("llama", intermediate_size=128).save_pretrained(tmp_path / "base")
+    model = _peft_qlora(tmp_path / "base", "nf4", by_hand=True)
+    report = fastlora.patch_peft_model(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert len(report.patched) == 14 and not report.skipped
+    assert type(layer) is not peft.tuners.lora.layer.Linear and layer._get_name() == "Linear"
+    assert len(fastlora.unpatch_peft_model(model)) == 14
+    assert type(layer) is peft.tuners.lora.layer.Linear
