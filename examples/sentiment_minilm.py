@@ -194,37 +194,74 @@ def evaluate(model, tokenizer, data, args, device):
     return correct / max(1, len(data))
 
 
-def train(name, model, tokenizer, data, args, device, progress=True):
-    """AdamW over the trainable parameters; returns the per-step losses and examples/s."""
+WARMUP_STEPS = 3  # per path, before the timed steps: first-call costs (allocation, the CPU mask kernel's build)
+
+
+def train(models, tokenizer, data, args, device, progress=True):
+    """AdamW over each model's trainable parameters, the models' steps interleaved (round robin:
+    step i of every path, then step i + 1), so that load drift and one-time costs fall on all
+    paths alike. Each path replays its own random stream (the dropout masks), saved and restored
+    around its steps, so it draws exactly what it would draw trained alone: the same draws for
+    every path. Returns ``{name: (losses, timing)}``; timing: train examples/s over the steps
+    after the first ``WARMUP_STEPS`` (``examples_per_s``), and per-step examples/s quantiles
+    (``p20``, ``median``, ``p80``)."""
     torch = sys.modules["torch"]
     from tqdm.auto import tqdm
-    opt = torch.optim.AdamW(trainable(model), lr=args.lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(data) / args.batch_size)
     total = min(args.steps or steps_per_epoch * args.epochs, steps_per_epoch * args.epochs)
     lengths = [len(ids) for ids in tokenizer([t for t, _ in data], truncation=True, max_length=args.max_length)["input_ids"]]
-    losses, seen, elapsed = [], 0, 0.0
-    torch.manual_seed(args.seed + 2)  # dropout masks: the same draws for every path
-    bar = tqdm(total=total, desc=f"train {name:13}", disable=not progress, leave=False)
-    model.train()
-    for epoch in range(args.epochs):
-        for texts, labels in batches(data, args.batch_size, seed=args.seed + epoch, lengths=lengths):
-            if len(losses) == total:
-                break
+    epoch_batches = [list(batches(data, args.batch_size, seed=args.seed + epoch, lengths=lengths))
+                     for epoch in range(args.epochs)]
+    order = [b for epoch in epoch_batches for b in epoch][:total]
+    rng = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + 2)  # dropout masks: the same draws for every path
+        start = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    state = {}
+    for name, model in models.items():
+        model.train()
+        state[name] = {"opt": torch.optim.AdamW(trainable(model), lr=args.lr, weight_decay=0.0), "rng": start,
+                       "losses": [], "seen": 0, "elapsed": 0.0, "rates": [], "times": []}
+    bar = tqdm(total=total * len(models), desc="train (interleaved)", disable=not progress, leave=False)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i, (texts, labels) in enumerate(order):
             enc, y = encode(tokenizer, texts, labels, args.max_length, device)
-            sync(device)
-            t0 = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(**enc).logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sync(device)
-            elapsed += time.perf_counter() - t0
-            seen += len(texts)
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            for name, model in models.items():
+                st = state[name]
+                torch.set_rng_state(st["rng"][0])
+                if st["rng"][1] is not None:
+                    torch.cuda.set_rng_state(st["rng"][1], device)
+                sync(device)
+                t0 = time.perf_counter()
+                loss = torch.nn.functional.cross_entropy(model(**enc).logits.float(), y)
+                st["opt"].zero_grad(set_to_none=True)
+                loss.backward()
+                st["opt"].step()
+                sync(device)
+                dt = time.perf_counter() - t0
+                st["rng"] = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+                if i >= WARMUP_STEPS or len(order) <= WARMUP_STEPS:  # too few steps: time them all
+                    st["elapsed"] += dt
+                    st["seen"] += len(texts)
+                    st["rates"].append(len(texts) / dt)
+                    st["times"].append(dt)
+                st["losses"].append(loss.item())
+                bar.update(1)
+                bar.set_postfix(path=name, loss=f"{loss.item():.3f}")
     bar.close()
-    return losses, seen / elapsed if elapsed else float("nan")
+    out = {}
+    for name, st in state.items():
+        rates = sorted(st["rates"])
+        q = (lambda f: rates[min(len(rates) - 1, int(f * len(rates)))]) if rates else (lambda f: float("nan"))
+        out[name] = (st["losses"], {"examples_per_s": st["seen"] / st["elapsed"] if st["elapsed"] else float("nan"),
+                                    "p20": q(0.2), "median": q(0.5), "p80": q(0.8), "timed_steps": len(rates),
+                                    "warmup_steps": len(order) - len(rates), "step_s": st["times"]})
+    return out
+
+
+def _quantile(values, f):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(f * len(values)))] if values else float("nan")
 
 
 def sync(device):
@@ -431,15 +468,34 @@ def _run(args, device):
     losses = {}
     # The three models hold the same weights until training starts: one evaluation serves all.
     acc0 = evaluate(models["fastlora"], tokenizer, test_set, args, device)
+    trained = train({name: models[name] for name in PATHS}, tokenizer, train_set, args, device,
+                    progress=not args.no_progress)
     for name in PATHS:
-        model = models[name]
-        ls, eps = train(name, model, tokenizer, train_set, args, device, progress=not args.no_progress)
-        acc1 = evaluate(model, tokenizer, test_set, args, device)
+        ls, timing = trained[name]
+        acc1 = evaluate(models[name], tokenizer, test_set, args, device)
         losses[name] = ls
         summary["paths"][name] = {"accuracy_before": acc0, "accuracy_after": acc1, "steps": len(ls),
-                                  "final_loss_mean10": sum(ls[-10:]) / len(ls[-10:]), "train_examples_per_s": eps}
+                                  "final_loss_mean10": sum(ls[-10:]) / len(ls[-10:]),
+                                  "train_examples_per_s": timing["examples_per_s"], "timing": timing}
         say(f"{name:14} test accuracy {acc0:.3f} -> {acc1:.3f} | {len(ls)} steps, loss {ls[0]:.3f} -> "
-            f"{summary['paths'][name]['final_loss_mean10']:.3f} (mean of last 10) | {eps:.1f} train examples/s")
+            f"{summary['paths'][name]['final_loss_mean10']:.3f} (mean of last 10) | {timing['examples_per_s']:.1f} "
+            f"train examples/s (per step p20-p80 {timing['p20']:.1f}-{timing['p80']:.1f})")
+    timed = trained[PATHS[0]][1]
+    summary["timing"] = {"method": "interleaved", "warmup_steps": timed["warmup_steps"],
+                         "timed_steps": timed["timed_steps"]}
+    say(f"examples/s: the three paths' steps interleaved (round robin), after {timed['warmup_steps']} warm-up "
+        f"step(s) each, over {timed['timed_steps']} timed steps each")
+    # Batches differ in length, so per-step examples/s spread with the data; the step time of a
+    # path over PEFT's on the same batch does not: its median is the figure to go by.
+    ref_times = trained["peft"][1]["step_s"]
+    summary["step_time_vs_peft"] = {}
+    for name in PATHS[:-1]:
+        ratios = [a / b for a, b in zip(trained[name][1]["step_s"], ref_times)]
+        summary["step_time_vs_peft"][name] = {q: _quantile(ratios, f) for q, f in
+                                              (("p20", 0.2), ("median", 0.5), ("p80", 0.8))}
+        r = summary["step_time_vs_peft"][name]
+        say(f"  {name:14} step time / peft's on the same batch: median {r['median']:.2f} "
+            f"(p20-p80 {r['p20']:.2f}-{r['p80']:.2f})")
 
     a, b = losses["fastlora"], losses["peft+fastlora"]
     summary["loss_agreement"] = {
