@@ -114,10 +114,14 @@ def ds_config(stage):
             "gradient_clipping": 0.0, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
 
 
-def train_deepspeed(model, loss_fn, ids, stage):
+def train_deepspeed(model, loss_fn, ids, stage, before_training=None):
+    """STEPS steps of ``model`` under DeepSpeed ZeRO ``stage`` (``before_training(model)`` runs
+    after deepspeed.initialize)."""
     import deepspeed
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=LR), config=ds_config(stage))
+    if before_training is not None:
+        before_training(model)
     losses = []
     for _ in range(STEPS):
         loss = loss_fn(engine, ids)
@@ -168,16 +172,10 @@ def deepspeed_patched_after_initialize(out):
     every submodule)."""
     import deepspeed
     pm, ids = build_peft()
-    params = [p for p in pm.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=pm, optimizer=torch.optim.AdamW(params, lr=LR), config=ds_config(3))
-    report = fastlora.patch_peft_model(pm)
-    losses = []
-    for _ in range(STEPS):
-        loss = peft_loss(engine, ids)
-        engine.backward(loss)
-        engine.step()
-        losses.append(mean_over_ranks(loss))
-    return {"losses": losses, "fallbacks": dict(report.fallbacks), "released": zero3_released(pm),
+    reports = []
+    _, losses = train_deepspeed(pm, peft_loss, ids, 3, before_training=lambda m: reports.append(
+        fastlora.patch_peft_model(m)))
+    return {"losses": losses, "fallbacks": dict(reports[0].fallbacks), "released": zero3_released(pm),
             "state": lora_state(pm, lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=None))}
 
 
