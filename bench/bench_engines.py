@@ -16,7 +16,11 @@ For each engine both variants (``peft``, ``peft+fastlora``) are built and wrappe
 steps are interleaved (round robin, a barrier around each timed step) so load drift hits both
 alike. A step is forward, loss, backward and the optimizer step. Prints and appends to
 ``<out>/engines.csv`` the median step time with p20 / p80 over ``--steps`` steps (after 2
-warm-up steps) and the fastlora report's fused and fallen-back calls.
+warm-up steps), the fastlora report's fused and fallen-back calls, and the memory autograd holds
+for the backward once the forward has returned (``saved_mib``: the distinct storages of every tensor
+saved for backward, measured in the second warm-up step, after the engine has released what it
+gathered; a ZeRO-3 or FSDP parameter saved by a layer counts with its size at that moment), with
+the patched model's difference from PEFT's (``saved_vs_peft_mib``).
 
     python -m bench.bench_engines [--engines ddp,zero2,zero3,fsdp1] [--layers 4] [--batch 2]
         [--seq 128] [--steps 10] [--nproc 2] [--out bench/results/cpu-engines] [--smoke]
@@ -36,7 +40,7 @@ import torch
 
 COLUMNS = ["date", "commit", "gpu", "torch", "triton", "deepspeed", "engine", "variant", "ranks", "layers", "hidden",
            "intermediate", "batch_per_rank", "seq", "r", "dropout", "steps", "step_ms_median", "step_ms_p20",
-           "step_ms_p80", "fused_calls_per_step", "fallbacks", "vs_peft", "smoke"]
+           "step_ms_p80", "fused_calls_per_step", "fallbacks", "vs_peft", "saved_mib", "saved_vs_peft_mib", "smoke"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -125,6 +129,26 @@ def wrap(engine, model, device):
     return module, lambda loss: loss.backward(), step
 
 
+def saved_bytes(forward):
+    """``(result of forward(), bytes)``: the bytes of the distinct storages autograd holds for the
+    backward once ``forward()`` has returned (every tensor a node saved, read after the call, so a
+    parameter an engine gathered for the forward and has released since counts as released)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    storages = {}
+    for t in saved:
+        st = t.untyped_storage()
+        if st.nbytes():
+            storages[(st.device, st.data_ptr())] = st.nbytes()
+    saved.clear()
+    return out, sum(storages.values())
+
+
 def _quantiles(times):
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     return statistics.median(times), q[0], q[3]
@@ -166,14 +190,17 @@ def worker(args):
     for engine in args.engines.split(","):
         plain, patched = build(args)
         report = fastlora.patch_peft_model(patched)
-        runs = {}
+        runs, memory = {}, {}
         for name, model in (("peft", plain), ("peft+fastlora", patched)):
             if cuda and not engine.startswith("zero"):  # DeepSpeed places the model itself
                 model.to(device)
             module, backward, step = wrap(engine, model, device)
 
-            def one(module=module, backward=backward, step=step):
-                loss = module(input_ids=ids, labels=ids).loss
+            def one(module=module, backward=backward, step=step, name=name, measure=False):
+                if measure:
+                    loss, memory[name] = saved_bytes(lambda: module(input_ids=ids, labels=ids).loss)
+                else:
+                    loss = module(input_ids=ids, labels=ids).loss
                 backward(loss)
                 step()
             runs[name] = one
@@ -185,7 +212,7 @@ def worker(args):
                     torch.cuda.synchronize(device)
                 calls.clear()
                 t0 = time.perf_counter()
-                one()
+                one(measure=i == 1)  # the second warm-up step: memory (no timing taken)
                 if cuda:
                     torch.cuda.synchronize(device)
                 dist.barrier()
@@ -203,22 +230,29 @@ def worker(args):
                    "step_ms_median": f"{med:.1f}", "step_ms_p20": f"{p20:.1f}", "step_ms_p80": f"{p80:.1f}",
                    "fused_calls_per_step": fused_per_step if name == "peft+fastlora" else 0,
                    "fallbacks": sum(report.fallbacks.values()) if name == "peft+fastlora" else "",
-                   "vs_peft": f"{med / base_median:.3f}", "smoke": args.smoke}
+                   "vs_peft": f"{med / base_median:.3f}", "saved_mib": f"{memory[name] / 2**20:.2f}",
+                   "saved_vs_peft_mib": f"{(memory[name] - memory['peft']) / 2**20:+.2f}", "smoke": args.smoke}
             rows.append(row)
             if rank == 0:
                 print(f"{engine:6s} {name:14s} step {med:8.1f} ms (p20 {p20:.1f}, p80 {p80:.1f})  "
                       f"x{med / base_median:.3f} of peft  fused calls/step {row['fused_calls_per_step']}  "
-                      f"fallbacks {row['fallbacks']}", flush=True)
+                      f"fallbacks {row['fallbacks']}  saved for backward {row['saved_mib']} MiB "
+                      f"({row['saved_vs_peft_mib']} vs peft)", flush=True)
         del runs, plain, patched
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "engines.csv")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
+        old = []
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames != COLUMNS:  # an older file: rewritten with today's columns (new ones empty)
+                    old = list(reader)
+        with open(path, "w" if old or not os.path.exists(path) else "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            if new:
+            if f.mode == "w":
                 w.writeheader()
-            w.writerows(rows)
+            w.writerows(old + rows)
         print(f"appended {len(rows)} rows to {path}" + (" (smoke run: not performance figures)" if args.smoke else ""))
     dist.destroy_process_group()
     return 0

@@ -64,5 +64,20 @@ def test_bench_engines_smoke(tmp_path):
         ("zero3", "peft"), ("zero3", "peft+fastlora"), ("fsdp1", "peft"), ("fsdp1", "peft+fastlora")]
     for r in rows:
         assert float(r["step_ms_median"]) > 0 and r["smoke"] == "True" and r["deepspeed"]
+        assert float(r["saved_mib"]) > 0  # the memory autograd holds for the backward was measured
+        if r["variant"] == "peft":
+            assert r["saved_vs_peft_mib"] == "+0.00"
         if r["variant"] == "peft+fastlora":  # 7 LoRA layers in the smoke model's one block, all fused
             assert r["fused_calls_per_step"] == "7" and r["fallbacks"] == "0", r
+
+
+def test_saved_bytes_counts_each_saved_storage_once():
+    import torch
+
+    from bench.bench_engines import saved_bytes
+    w = torch.randn(64, 32, requires_grad=True)
+    x = torch.randn(128, 64)
+    _, one = saved_bytes(lambda: (x @ w).sum())  # dW needs x alone (x needs no grad)
+    assert one == x.numel() * 4
+    _, two = saved_bytes(lambda: (x @ w).sum() + (x[:, :32] @ w[:32]).sum() + (w * w).sum())  # x's storage again, w
+    assert two == x.numel() * 4 + w.numel() * 4
