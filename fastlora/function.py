@@ -160,9 +160,11 @@ def _backward(ctx, dy, _dS=None, _dseed=None, _dmask=None):
 
 
 def grads(ctx, dy, input, weight, lora_A, lora_B, S, mask, seed_t, scale, need_dx, need_dW, need_dA, need_dB,
-          need_db):
+          need_db, dx_out=None):
     """``(dx, dW, dA, dB, db)`` of one call (None where not needed) from what its forward saved
-    (``ctx``: scaling, dropout constants, backend, LoRA dtype, bias dtype; see :func:`_save`)."""
+    (``ctx``: scaling, dropout constants, backend, LoRA dtype, bias dtype; see :func:`_save`).
+    ``dx_out`` (eager calls, fastlora/group.py): a 2-D ``[M, K]`` buffer in input's dtype that dx
+    is added into; dx is then that buffer, 2-D."""
     N, K = weight.shape
     r = lora_A.shape[0]
     x = input if input.dim() == 2 else input.reshape(-1, K)
@@ -173,9 +175,13 @@ def grads(ctx, dy, input, weight, lora_A, lora_B, S, mask, seed_t, scale, need_d
         dy = dy.to(input.dtype)
     dx = dW = dA = dB = db = None
     if M == 0:
-        dx = torch.zeros_like(x) if need_dx else None
+        dx = (torch.zeros_like(x) if dx_out is None else dx_out) if need_dx else None
         dA = torch.zeros_like(lora_A) if need_dA else None
         dB = torch.zeros_like(lora_B) if need_dB else None
+    elif dx_out is not None:
+        dx, dA, dB = ops.backward_parts(dy, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t,
+                                        *ctx.keep, need_dx, need_dA, need_dB, ctx.lora_dtype, ctx.backend, "",
+                                        dx_out if need_dx else None)
     elif need_dx or need_dA or need_dB:
         dx, dA, dB = ops.backward(dy, x, weight, lora_A, lora_B, S, mask, ctx.scaling, scale, seed_t, *ctx.keep,
                                   need_dx, need_dA, need_dB, ctx.lora_dtype, ctx.backend, "")
@@ -189,7 +195,7 @@ def grads(ctx, dy, input, weight, lora_A, lora_B, S, mask, seed_t, scale, need_d
                 dW = (dy.t() @ x).to(weight.dtype)
             if need_db:
                 db = dy.sum(0).to(ctx.bias_dtype)
-    if dx is not None and input.dim() != 2:
+    if dx is not None and input.dim() != 2 and dx_out is None:
         dx = dx.view(input.shape)
     return dx, dW, dA, dB, db
 

@@ -148,27 +148,30 @@ def _fwd_fake(x, weight, lora_A, lora_B, scaling, scale, bias, seed, keep_thresh
 
 
 def backward_parts(dy, x, weight, lora_A, lora_B, S, mask, scaling, scale, seed, keep_thresh, keep_scale, need_dx,
-                   need_dA, need_dB, lora_dtype, backend, path):
+                   need_dA, need_dB, lora_dtype, backend, path, dx_out=None):
     """The backward as ``(dx, dA, dB)`` (None where not needed; dA, dB in S's dtype): the body of
-    ``fastlora::lora_linear_bwd``, whose schema packs dA and dB into one flat tensor."""
+    ``fastlora::lora_linear_bwd``, whose schema packs dA and dB into one flat tensor. ``dx_out``
+    (eager calls only, fastlora/group.py): an ``[M, K]`` buffer in x's dtype that dx is added
+    into and returned as dx."""
     if (backend or select_backend(x.device, x.dtype, lora_dtype)[0]) == "torch":
         with _no_autocast(x.device.type):
             keep = None if seed is None else TorchMask(seed, *x.shape, keep_thresh, x.device, lora_dtype,
                                                         mask if mask.numel() else None)
             return reference.lora_backward(dy, x, weight, lora_A, lora_B, S, _scaling_value(scaling, scale), keep,
                                            keep_scale, need_dx, need_dA, need_dB, out_dtype=S.dtype,
-                                           lora_dtype=lora_dtype)
+                                           lora_dtype=lora_dtype, dx_out=dx_out)
     s = scale_tensor(scaling, scale, x.device, S.dtype)
 
-    def run(p):
+    def run(p, dx_out=None):
         with _no_autocast(x.device.type):  # the hybrid path's cuBLAS GEMM: the call's own dtypes
             return kernels().lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, s, seed, keep_thresh, keep_scale,
-                                             need_dx, need_dA, need_dB, lora_dtype=lora_dtype, path=p)
+                                             need_dx, need_dA, need_dB, lora_dtype=lora_dtype, path=p, dx_out=dx_out)
 
     extra = ("dx" * need_dx + "dA" * need_dA + "dB" * need_dB,)
+    # the choice's timing runs write fresh outputs (never into dx_out); the chosen path then adds into it
     path = _path("bwd", x, weight, lora_A, lora_dtype, False, seed, path,
                  {p: functools.partial(run, p) for p in dispatch.PATHS}, extra)
-    dx, dAB = run(path)
+    dx, dAB = run(path, dx_out)
     return (dx, *split_dAB(dAB, lora_B.shape, need_dA, need_dB))
 
 

@@ -110,10 +110,12 @@ def lora_forward(x, weight, lora_A, lora_B, scaling, bias=None, keep=None, keep_
 
 
 def lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, keep=None, keep_scale=1.0,
-                  need_dx=True, need_dA=True, need_dB=True, out_dtype=None, lora_dtype=None):
+                  need_dx=True, need_dA=True, need_dB=True, out_dtype=None, lora_dtype=None, dx_out=None):
     """Backward of the fused op on torch ops for dy ``[M, N]``; returns ``(dx, dA, dB)``: dx in x's
     dtype, dA and dB in the dtypes of lora_A / lora_B, or ``out_dtype`` if given (None where not
-    requested)."""
+    requested). ``dx_out``: an ``[M, K]`` tensor in x's dtype that this call's dx is added into
+    (in place, and returned as dx): a group of siblings fed one input (fastlora/group.py) sums
+    its dx in one buffer, the base term by ``addmm_`` with beta = 1 (no M×K temporary for it)."""
     T = x.dtype
     L = lora_dtype or T
     acc = acc_dtype_of(T, L)
@@ -124,7 +126,12 @@ def lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, keep=None, keep_sca
     if need_dB:  # (Sᵀ·dy)ᵀ: the skinny product with the long reduction inside (4x faster on CPU)
         dB = _as(_as(torch.mm(_as(S, L).t(), dyL).t(), acc) * scaling, out_dtype or lora_B.dtype)
     if need_dx:
-        dx = torch.mm(_as(dy, T), weight)
+        if dx_out is not None and L != T:  # the LoRA term is summed in L first: add the whole dx
+            return (dx_out.add_(lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, keep, keep_scale, True,
+                                              False, False, out_dtype, lora_dtype)[0]),
+                    *lora_backward(dy, x, weight, lora_A, lora_B, S, scaling, keep, keep_scale, False, need_dA,
+                                   need_dB, out_dtype, lora_dtype)[1:])
+        dx = torch.mm(_as(dy, T), weight) if dx_out is None else dx_out.addmm_(_as(dy, T), weight)
         if keep is None and L == T:  # one GEMM with beta = 1: dx is read and written once
             dx.addmm_(dS, _as(lora_A, L))
         else:

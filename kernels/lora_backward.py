@@ -393,7 +393,7 @@ def _lora_bwd_da_kernel(
 # Launcher
 # ----------------------------------------------------------------------------------------------
 def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thresh=0, keep_scale=1.0,
-                    need_dx=True, need_dA=True, need_dB=True, lora_dtype=None, path="fused"):
+                    need_dx=True, need_dA=True, need_dB=True, lora_dtype=None, path="fused", dx_out=None):
     """Launch B1-B3 for what is needed. Inputs must already be validated.
 
     Args:
@@ -401,6 +401,10 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
         x, weight, lora_A, lora_B, scale, seed, keep_thresh, keep_scale, lora_dtype: as in the forward.
         S: ``[M, r]`` saved by the forward (fp32; fp64 for fp64).
         path: ``"fused"`` (B1, B2, B3) or ``"hybrid"`` (B1, cuBLAS ``dy·W``, B3 adding dx's LoRA term).
+        dx_out: None, or an ``[M, K]`` tensor in T with unit column stride that dx is added into (a
+            group of siblings fed one input, fastlora/group.py): the hybrid path's cuBLAS GEMM
+            accumulates into it (beta = 1) and B3 adds the LoRA term there, so no M×K temporary; the
+            fused path writes dx as usual and adds it (B2 has no accumulating epilogue yet).
 
     Returns:
         ``(dx, dAB)``: dx ``[M, K]`` in T (None if not needed); dAB, one flat tensor in S's dtype
@@ -410,12 +414,15 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scale, seed=None, keep_thr
     Under ``torch.use_deterministic_algorithms(True)`` no atomics are used and every launch
     takes one fixed config, so results are bitwise reproducible across runs and processes.
     """
-    return _backward(dy, x, weight, lora_A, lora_B, S, scale, seed, keep_thresh, keep_scale, need_dx, need_dA,
-                     need_dB, lora_dtype, path)[:2]
+    dx, dAB = _backward(dy, x, weight, lora_A, lora_B, S, scale, seed, keep_thresh, keep_scale, need_dx, need_dA,
+                        need_dB, lora_dtype, path, dx_out=dx_out if path == "hybrid" else None)[:2]
+    if dx_out is not None and dx is not None and dx is not dx_out:
+        dx = dx_out.add_(dx)
+    return dx, dAB
 
 
 def _backward(dy, x, weight, lora_A, lora_B, S, scale, seed, keep_thresh, keep_scale, need_dx, need_dA, need_dB,
-              lora_dtype, path, g=None, z=None, need_colsum=False):
+              lora_dtype, path, g=None, z=None, need_colsum=False, dx_out=None):
     lora_dtype = lora_dtype or x.dtype
     dy, x, weight, lora_A, lora_B = (tile_addressable(t, n) for t, n in
                                      ((dy, "grad_output"), (x, "input"), (weight, "weight"), (lora_A, "lora_A"),
@@ -489,7 +496,7 @@ def _backward(dy, x, weight, lora_A, lora_B, S, scale, seed, keep_thresh, keep_s
     # -- B2: dx = dy·W + m ⊙ (dS·A) (fused), or dx = dy·W by cuBLAS (hybrid) -------------------
     dx = None
     if need_dx and hybrid:
-        dx = torch.mm(dy, weight)
+        dx = torch.mm(dy, weight) if dx_out is None else dx_out.addmm_(dy, weight)
     elif need_dx:
         dx = torch.empty((M, K), device=device, dtype=x.dtype)
         launch(
