@@ -9,17 +9,18 @@ from .dispatch import explain_path
 from .dropout import dropout_mask
 from .function import LoRALinearFunction
 from .functional import lora_linear
+from .group import Sibling, explain_grouped_path, grouped_lora_linear
 from .layer import LoRALinear, QuantLoRALinear
-from .model import inject_lora, load_adapter, save_adapter
+from .model import inject_lora, load_adapter, save_adapter, sibling_groups
 from .quant import QuantizedWeight, quantized_weight
 
 __version__ = "0.1.0"
 
 
-def patch_peft_model(model):
+def patch_peft_model(model, *, group_siblings=True):
     """See :func:`fastlora.peft.patch_peft_model` (imports PEFT on first use)."""
     from .peft import patch_peft_model as patch
-    return patch(model)
+    return patch(model, group_siblings=group_siblings)
 
 
 def unpatch_peft_model(model):
@@ -35,6 +36,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastlora' has no attribute {name!r}")
 
 
-__all__ = ["lora_linear", "LoRALinearFunction", "LoRALinear", "QuantLoRALinear", "QuantizedWeight", "quantized_weight", "dropout_mask", "kernel_backend", "explain_path",
-           "inject_lora",
+__all__ = ["lora_linear", "grouped_lora_linear", "explain_grouped_path", "Sibling", "LoRALinearFunction", "LoRALinear", "QuantLoRALinear", "QuantizedWeight", "quantized_weight", "dropout_mask", "kernel_backend", "explain_path",
+           "inject_lora", "sibling_groups",
            "save_adapter", "load_adapter", "patch_peft_model", "unpatch_peft_model", "PatchReport", "__version__"]

@@ -332,7 +332,26 @@ class LoRALinear(nn.Module):
         A, B = self.lora_A.weight, self.lora_B.weight
         if not (type(A) in _PLAIN and type(B) in _PLAIN and (torch.jit.is_tracing() or (A.numel() and B.numel()))):
             return self._engine_forward(input)  # sharded adapters (fastlora/engines.py)
+        groups = self.__dict__.get("_fastlora_groups")  # set by inject_lora (fastlora/group.py)
+        if groups is not None and groups.enabled and not self._use_dora:
+            key, sibling = self._fastlora_sibling(A, B)
+            return groups.run(self, input, key, sibling, lambda: self._lora_forward(input, A, B))
         return self._lora_forward(input, A, B)
+
+    def _fastlora_sibling(self, A, B):
+        """``(key, Sibling)`` of a plain call for fastlora/group.py."""
+        from .group import Sibling, autocast_key, key_of
+        p = self.lora_dropout if self.training else 0.0
+        key = key_of((self.weight, self.bias, A, B, self._scale),
+                     (p, self.fan_in_fan_out, *autocast_key(self.weight.device.type)))
+        return key, Sibling(self.base_weight(), A, B, self._scale, self.bias, p)
+
+    def _fastlora_group_args(self, x):
+        """This layer's ``(key, Sibling)`` if a call with ``x`` would run fused and groupable now, else None."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        if self._merged or self._use_dora or not (type(A) in _PLAIN and type(B) in _PLAIN and A.numel() and B.numel()):
+            return None
+        return self._fastlora_sibling(A, B)
 
     def _lora_forward(self, input, A, B):
         return lora_linear(input, self.base_weight(), A, B, self._scale, self.bias, dropout_p=self.lora_dropout,

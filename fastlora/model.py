@@ -106,7 +106,7 @@ def tuner_layers(model):
 
 
 def inject_lora(model, target_modules, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                exclude_modules=None, use_dora=False):
+                exclude_modules=None, use_dora=False, group_siblings=True):
     """Replace matching linear layers of ``model`` in place with :class:`fastlora.LoRALinear`.
 
     Args:
@@ -121,6 +121,10 @@ def inject_lora(model, target_modules, *, r=8, lora_alpha=8, lora_dropout=0.0, u
         r, lora_alpha, lora_dropout, use_rslora, use_dora: as for :class:`fastlora.LoRALinear`
             (``use_dora=True``: DoRA layers, each with a trainable ``lora_magnitude_vector``).
         exclude_modules: names never to replace, same rules as ``target_modules`` (no "all-linear").
+        group_siblings: run sibling layers fed the same input (q/k/v, gate/up) as one group
+            (fastlora/group.py: one autograd node, one dx buffer; the same outputs, masks and LoRA
+            gradients), learned from the calls of training forwards; :func:`sibling_groups` names
+            them. ``False``, or ``FASTLORA_GROUP=0`` in the environment, keeps every layer alone.
 
     Returns:
         The replaced module names, in ``named_modules`` order.
@@ -157,12 +161,19 @@ def inject_lora(model, target_modules, *, r=8, lora_alpha=8, lora_dropout=0.0, u
         raise ValueError(f"target_modules: matched modules that are not nn.Linear / Conv1D: {_summary(bad)}")
     if not matched:
         raise ValueError(f"target_modules: {target_modules!r} matched no linear module of {type(model).__name__}")
+    groups = None
+    if group_siblings and os.environ.get("FASTLORA_GROUP", "1") != "0":
+        from .group import SiblingGroups
+        groups = next((m.__dict__["_fastlora_groups"] for m in modules.values() if "_fastlora_groups" in m.__dict__),
+                      None) or SiblingGroups()  # a second inject_lora joins the first one's groups
     for name in matched:
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        setattr(parent, child, LoRALinear.from_linear(modules[name], r=r, lora_alpha=lora_alpha,
-                                                      lora_dropout=lora_dropout, use_rslora=use_rslora,
-                                                      use_dora=use_dora))
+        layer = LoRALinear.from_linear(modules[name], r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                       use_rslora=use_rslora, use_dora=use_dora)
+        if groups is not None:
+            layer._fastlora_groups = groups
+        setattr(parent, child, layer)
     for name, p in model.named_parameters():
         if "lora_" not in name:
             p.requires_grad_(False)
@@ -174,6 +185,24 @@ def _summary(items, show=5):
     items = list(items)
     head = ", ".join(items[:show])
     return head + (f", ... ({len(items) - show} more)" if len(items) > show else "")
+
+
+def sibling_groups(model):
+    """The sibling groups fastlora runs as one call in ``model`` (:func:`inject_lora` or
+    :func:`fastlora.patch_peft_model`): tuples of module names, head first, learned from the
+    calls of the last training forward (empty before one)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    names, seen, out = {}, set(), []
+    for n, m in model.named_modules():
+        names[m] = n
+    for m in names:
+        report = m.__dict__.get("_fastlora_report")
+        groups = m.__dict__.get("_fastlora_groups") or (report.groups if report is not None else None)
+        if groups is not None and id(groups) not in seen:
+            seen.add(id(groups))
+            out += [tuple(names.get(layer, "?") for layer in g) for g in groups.groups()]
+    return out
 
 
 def lora_layers(model):

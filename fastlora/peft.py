@@ -30,6 +30,7 @@ layer and reason), and is counted in the :class:`PatchReport`.
 import collections
 import dataclasses
 import functools
+import os
 import warnings
 
 import torch
@@ -38,7 +39,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from . import engines
+from . import engines, group
 from .functional import lora_linear
 from .layer import is_conv1d, is_quantized_linear
 from .quant import quantized_weight
@@ -56,11 +57,19 @@ class PatchReport:
             patching, run PEFT's forward at every call (e.g. a LoRA variant other than DoRA);
             rechecked at each call.
         fallbacks: live ``Counter`` of ``(name, reason)`` for calls that ran PEFT's forward.
+        groups: the model's :class:`fastlora.group.SiblingGroups`: sibling layers fed the same input
+            (q/k/v, gate/up), learned from the calls of a forward and run as one group from the
+            next (:meth:`sibling_groups` names them; ``groups.enabled = False`` turns it off).
     """
     patched: list = dataclasses.field(default_factory=list)
     skipped: dict = dataclasses.field(default_factory=dict)
     expected_fallbacks: dict = dataclasses.field(default_factory=dict)
     fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    groups: group.SiblingGroups = dataclasses.field(default_factory=group.SiblingGroups)
+
+    def sibling_groups(self):
+        """The learned groups as tuples of layer names, head first (empty before a training forward)."""
+        return [tuple(getattr(m, "_fastlora_name", "?") for m in g) for g in self.groups.groups()]
 
     def __str__(self):
         lines = [f"fastlora: {len(self.patched)} PEFT LoRA layer(s) patched, {len(self.skipped)} skipped"
@@ -69,6 +78,11 @@ class PatchReport:
         lines += [f"  skipped: {line}" for line in _by_reason(self.skipped)]
         lines += [f"  PEFT's forward: {line}" for line in _by_reason(self.expected_fallbacks)]
         lines += [f"  fell back {n}x {name}: {why}" for (name, why), n in self.fallbacks.items()]
+        names = self.sibling_groups()
+        if names:
+            lines.append(f"  {len(names)} sibling group(s), each run as one call:")
+            lines += [f"    {' + '.join(g)}" for g in names[:5]] + ([f"    ... ({len(names) - 5} more)"]
+                                                                      if len(names) > 5 else [])
         return "\n".join(lines)
 
 
@@ -288,7 +302,31 @@ class FastLoraPeftLinear(PeftLoraLinear):
         adapter, base, weight, lora_A, lora_B, dropout, mag_layer, units = parts
         if units:  # some of base / lora_A / lora_B / the magnitude are FSDP units: run inside their unshard
             return engines.run_in_units(units, x, lambda x: self._fastlora_call(x, parts))
+        report = self.__dict__.get("_fastlora_report")
+        groups = report.groups if report is not None else None
+        if groups is not None and groups.enabled and mag_layer is None and not engines.zero3_managed(self):
+            key, sibling = self._fastlora_sibling(x, parts)
+            return groups.run(self, x, key, sibling, lambda: self._fastlora_call(x, parts))
         return self._fastlora_call(x, parts)
+
+    def _fastlora_sibling(self, x, parts):
+        """``(key, Sibling)`` of this call for fastlora/group.py (plain LoRA, no engine units)."""
+        adapter, base, weight, lora_A, lora_B, dropout, _, _ = parts
+        weight = _module_weight(base) if weight is None else weight
+        w = weight.t() if self.fan_in_fan_out else weight
+        args = _call_args(self, adapter, base, w, lora_A, lora_B, dropout, w.dtype)
+        A, B = _module_weight(lora_A), _module_weight(lora_B)
+        lora_bias = lora_B.bias if (self.__dict__.get("lora_bias") or {}).get(adapter, False) else None
+        key = group.key_of((weight, base.bias, A, B, lora_bias),
+                           (args.scaling, args.dropout_p, self.fan_in_fan_out, *group.autocast_key(x.device.type)))
+        return key, args
+
+    def _fastlora_group_args(self, x):
+        """This layer's ``(key, Sibling)`` for input ``x`` if it would run fused and groupable now, else None."""
+        reason, parts = _fallback_reason(self, x, (), None)
+        if reason is not None or parts[6] is not None or parts[7] or engines.zero3_managed(self):
+            return None
+        return self._fastlora_sibling(x, parts)
 
     def _fastlora_call(self, x, parts):
         adapter, base, weight, lora_A, lora_B, dropout, mag_layer, _ = parts
@@ -307,6 +345,20 @@ class FastLoraPeftLinear(PeftLoraLinear):
         if reason not in warned:
             warned.add(reason)
             warnings.warn(f"fastlora: {name} runs PEFT's own forward ({reason})", stacklevel=3)
+
+
+def _call_args(layer, adapter, base, weight, lora_A, lora_B, dropout, dtype):
+    """The fused call's arguments after x, as a :class:`fastlora.group.Sibling`: bias and, with
+    lora_bias, ``scaling·lora_B.bias`` folded into it, in ``dtype``; the dropout in effect."""
+    scaling = layer.scaling[adapter]
+    bias = base.bias
+    if (layer.__dict__.get("lora_bias") or {}).get(adapter, False) and lora_B.bias is not None:
+        extra = scaling * lora_B.bias
+        bias = extra if bias is None else bias + extra.to(bias.dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    p = dropout.p if type(dropout) is nn.Dropout and dropout.training else 0.0
+    return group.Sibling(weight, _module_weight(lora_A), _module_weight(lora_B), scaling, bias, p)
 
 
 def _fused(layer, x, adapter, base, weight, lora_A, lora_B, dropout, dtype, mag_layer=None):
@@ -401,12 +453,16 @@ def _configured_fallback(layer):
     return None
 
 
-def patch_peft_model(model):
+def patch_peft_model(model, *, group_siblings=True):
     """Make every PEFT LoRA ``Linear`` of ``model`` run :func:`fastlora.lora_linear` when possible.
 
     Args:
         model: a ``peft.PeftModel`` (or any module holding PEFT LoRA layers), i.e. after
             ``peft.get_peft_model``.
+        group_siblings: run sibling layers fed the same input (q/k/v, gate/up) as one group
+            (fastlora/group.py: one autograd node, one dx buffer; the same outputs, masks and LoRA
+            gradients), learned from the model's calls in training forwards. ``False``, or the
+            environment variable ``FASTLORA_GROUP=0``, keeps every layer alone.
 
     Returns:
         :class:`PatchReport` listing patched layers, layers skipped with the reason (other LoRA
@@ -431,6 +487,7 @@ def patch_peft_model(model):
         raise ValueError(f"model: no PEFT LoRA layer in {type(model).__name__}; call patch_peft_model on the model "
                          "that peft.get_peft_model(...) returns (for a model without PEFT, use fastlora.inject_lora)")
     report = getattr(model, "_fastlora_report", None) or PatchReport()
+    report.groups.enabled = bool(group_siblings) and os.environ.get("FASTLORA_GROUP", "1") != "0"
     new_skips, new_expected = {}, {}
     for name, module in lora:
         if isinstance(module, patched_types):

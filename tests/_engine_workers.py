@@ -37,6 +37,15 @@ def _count(fn, key):
 # every fused call of a patched PEFT layer, and every LoRALinear forward that reaches the op
 fastlora.peft._fused = _count(fastlora.peft._fused, "fused")
 fastlora.LoRALinear._lora_forward = _count(fastlora.LoRALinear._lora_forward, "fused")
+_grouped = fastlora.group.grouped_lora_linear
+
+
+def _count_grouped(input, siblings, **kwargs):  # a sibling group's members (fastlora/group.py) count one each
+    CALLS["fused"] += len(siblings)
+    return _grouped(input, siblings, **kwargs)
+
+
+fastlora.group.grouped_lora_linear = _count_grouped
 
 
 def shard(x):
